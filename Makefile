@@ -1,0 +1,34 @@
+# modelhash: `make run` sets everything up and runs the main job on the embedded default;
+# `make test` runs the whole suite. Both create .venv and install into it on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch lies on these machines; GPU users: make TORCH_SPEC='torch>=2.4' ...
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+DEMO := demo
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m bench.zoo $(DEMO)/zoo
+	$(VENV)/bin/modelhash crawl $(DEMO)/zoo --index $(DEMO)/index
+	$(VENV)/bin/modelhash query $(DEMO)/zoo/mlp-s0 --index $(DEMO)/index -k 20
+
+test: setup lint
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

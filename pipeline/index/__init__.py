@@ -1,0 +1,1 @@
+"""The index: Parquet shards of model codes, committed run by run."""

@@ -1,0 +1,57 @@
+"""Index rows (SCHEMA) from a hashed model or from the reason it could not be hashed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.hashing.model import HashResult
+from pipeline.index.schema import STATUS_ERROR, STATUS_OK
+from pipeline.refs import ModelRef
+
+MAX_ERROR_CHARS = 500
+
+
+def _identity(ref: ModelRef, spec: str) -> dict[str, Any]:
+    return {
+        "source": ref.source,
+        "model_id": ref.model_id,
+        "revision": ref.revision,
+        "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in ref.files],
+        "arch": ref.arch,
+        "license": ref.license,
+        "declared_base": list(ref.declared_base),
+        "spec": spec,
+        "indexed_at": datetime.now(UTC),
+    }
+
+
+def ok_row(result: HashResult) -> dict[str, Any]:
+    """The row of a hashed model."""
+    return {
+        **_identity(result.ref, result.code.spec),
+        "format": result.format,
+        "n_params": result.n_params,
+        "code": result.code.code,
+        "parts": [{"name": name, "code": code} for name, code in result.code.parts],
+        "bytes_read": result.bytes_read,
+        "seconds": result.seconds,
+        "status": STATUS_OK,
+        "error": None,
+    }
+
+
+def error_row(ref: ModelRef, spec: str, reason: str, seconds: float = 0.0) -> dict[str, Any]:
+    """The row of a model that could not be hashed: the reason, one line, so the crawl goes on."""
+    line = " ".join(reason.split())
+    return {
+        **_identity(ref, spec),
+        "format": None,
+        "n_params": None,
+        "code": None,
+        "parts": [],
+        "bytes_read": None,
+        "seconds": seconds,
+        "status": STATUS_ERROR,
+        "error": line[:MAX_ERROR_CHARS],
+    }

@@ -1,0 +1,53 @@
+"""What a source yields: a model and its checkpoint files, as frozen values that travel to Ray workers."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json, pytorch_model.bin.index.json
+# File names that make a folder a model; `name.endswith(CHECKPOINT_SUFFIXES)`.
+CHECKPOINT_SUFFIXES: tuple[str, ...] = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + (INDEX_SUFFIX,)
+# Torch files a trainer writes beside the weights: not weights, and often pickles of arbitrary classes.
+NOT_WEIGHTS = re.compile(
+    r"training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|trainer_state\.pt|rng_state(_\d+)?\.pth"
+)
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether a file name is (part of) a checkpoint we can read, by name alone."""
+    return name.endswith(CHECKPOINT_SUFFIXES) and not NOT_WEIGHTS.fullmatch(posixpath.basename(name))
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """One checkpoint file of a model.
+
+    `uri` is what `blobs.open_reader` opens: a local path today, `https://` or `s3://` later.
+    `sha256` is the digest the hub or S3 reports, when it does (never computed by reading the bytes).
+    """
+
+    name: str
+    size: int
+    uri: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """One model of a source, pinned to a revision (DESIGN.md, Identity)."""
+
+    source: str  # "local", "hf", "s3"
+    model_id: str
+    revision: str
+    files: tuple[FileRef, ...]
+    arch: str | None = None
+    license: str | None = None
+    declared_base: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.model_id)

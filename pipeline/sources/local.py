@@ -1,0 +1,95 @@
+"""A local folder as a source: every folder under the root that holds a checkpoint is one model.
+
+Identity (DESIGN.md): `model_id` is the folder's path relative to the root (the root's own name when the
+root itself is the model); `revision` is a digest of the files' names, sizes and mtimes, so an unchanged
+folder is skipped without reading a byte of weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import NoCheckpointError, SourceError
+from pipeline.refs import CHECKPOINT_SUFFIXES, FileRef, ModelRef, is_checkpoint_name
+
+SOURCE = "local"
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def list_models(root: str | os.PathLike[str]) -> Iterator[ModelRef]:
+    """Every model under `root`, in sorted path order.
+
+    A folder with checkpoint files is a model; so is a leaf folder with files but no checkpoint we can
+    read (it yields a ModelRef with no files, which becomes an `error` row: nothing is silently dropped).
+    """
+    top = Path(root)
+    if top.is_file():
+        yield model_at(top)
+        return
+    if not top.is_dir():
+        raise SourceError(f"{top}: no such file or folder")
+    for folder, subdirs, names in os.walk(top):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        visible = sorted(n for n in names if not n.startswith("."))
+        path = Path(folder)
+        if _checkpoint_files(path, visible) or (visible and not subdirs and path != top):
+            yield _folder_model(path, _model_id(top, path), visible)
+
+
+def model_at(path: str | os.PathLike[str]) -> ModelRef:
+    """One model: a checkpoint file, or a folder that holds one (its name is the model id)."""
+    path = Path(path)
+    if path.is_file():
+        if not is_checkpoint_name(path.name):
+            raise NoCheckpointError(f"{path}: not a checkpoint (expected {', '.join(CHECKPOINT_SUFFIXES)})")
+        files = (_file_ref(path),)
+        return ModelRef(SOURCE, path.name, _revision(files), files)
+    if not path.is_dir():
+        raise SourceError(f"{path}: no such file or folder")
+    names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+    ref = _folder_model(path, path.resolve().name, names)
+    if not ref.files:
+        raise NoCheckpointError(f"{path}: no checkpoint in folder (found: {', '.join(names) or 'nothing'})")
+    return ref
+
+
+def _model_id(top: Path, path: Path) -> str:
+    rel = path.relative_to(top).as_posix()
+    return top.resolve().name if rel == "." else rel
+
+
+def _folder_model(path: Path, model_id: str, names: list[str]) -> ModelRef:
+    files = tuple(_file_ref(path / n) for n in _checkpoint_files(path, names))
+    described = files + tuple(_file_ref(path / n) for n in names if n == "config.json")
+    return ModelRef(SOURCE, model_id, _revision(described), files, arch=_arch(path / "config.json"))
+
+
+def _checkpoint_files(path: Path, names: list[str]) -> list[str]:
+    """Every checkpoint file of a folder; the format reader picks which to read (safetensors first)."""
+    return [n for n in names if is_checkpoint_name(n) and (path / n).is_file()]
+
+
+def _file_ref(path: Path) -> FileRef:
+    return FileRef(name=path.name, size=path.stat().st_size, uri=str(path.resolve()))
+
+
+def _revision(files: tuple[FileRef, ...]) -> str:
+    digest = hashlib.sha1()
+    for f in sorted(files, key=lambda f: f.name):
+        digest.update(f"{f.name}\0{f.size}\0{os.stat(f.uri).st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _arch(config: Path) -> str | None:
+    """`model_type` from a small config.json, when there is one."""
+    try:
+        if config.stat().st_size > CONFIG_MAX_BYTES:
+            return None
+        value = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

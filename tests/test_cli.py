@@ -1,0 +1,99 @@
+"""The `modelhash` command as a user runs it: a subprocess, its stdout, stderr and exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import COPIES, UNRELATED, mlp_state, save_model
+
+MODELHASH = [sys.executable, "-m", "pipeline.cli"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([*MODELHASH, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"modelhash {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+def test_hash_json(library):
+    info = json.loads(run("hash", str(library["orig"]), "--json").stdout)
+    assert info["model_id"] == "orig" and info["spec"].startswith("nts-v1")
+    assert len(bytes.fromhex(info["code"])) == 32 and info["format"] == "safetensors"
+    plain = run("hash", str(library["orig"])).stdout
+    assert info["code"] in plain
+
+
+def test_compare_prints_distance_verdict_and_evidence(library):
+    out = run("compare", str(library["orig"]), str(library["fp16"])).stdout
+    assert "copy" in out and "distance" in out
+    report = json.loads(run("compare", str(library["orig"]), str(library["other1"]), "--json").stdout)
+    assert report["verdict"] == "unrelated" and report["distance"] > report["thresholds"]["related"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [("nan", "NaN"), ("truncated", "truncated"), ("nocheckpoint", "no checkpoint"), ("lying", "")],
+)
+def test_bad_models_get_one_clear_line(library, bad, message):
+    proc = run("hash", str(library[bad]), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelhash: error: ")
+    assert message.lower() in lines[0].lower()
+    assert "Traceback" not in proc.stderr
+
+
+def test_malicious_pickle_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"w": torch.ones(64, 64), "x": Payload()}, folder / "pytorch_model.bin")
+    proc = run("hash", str(folder), check=False)
+    assert proc.returncode == 2 and "system" in proc.stderr
+    assert not marker.exists()
+
+
+def test_crawl_then_query_json(library, tmp_path):
+    index = tmp_path / "index"
+    out = run("crawl", str(library["root"]), "--index", str(index), "--no-progress").stdout
+    assert "hashed" in out and "4 failed" in out
+    again = run("crawl", str(library["root"]), "--index", str(index), "--no-progress").stdout
+    assert "0 hashed" in again
+    result = json.loads(run("query", str(library["orig"]), "--index", str(index), "--json", "-k", "7").stdout)
+    assert result["query"]["model_id"] == "orig"
+    matches = result["matches"]
+    assert len(matches) == 7
+    assert set(matches[0]) == {"source", "model_id", "revision", "distance", "similarity", "verdict"}
+    ranked = [m["model_id"] for m in matches]
+    assert set(ranked[:5]) == {"orig", *(f"copies/{c}" for c in COPIES)}
+    assert set(ranked[5:]) == set(UNRELATED)
+
+
+def test_query_of_a_missing_index_is_one_clear_line(library, tmp_path):
+    proc = run("query", str(library["orig"]), "--index", str(tmp_path / "none"), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_spec(library):
+    proc = run("hash", str(library["orig"]), "--spec", "nope", check=False)
+    assert proc.returncode == 2 and "unknown spec" in proc.stderr
+
+
+def test_a_fresh_checkpoint_is_hashed_the_same_by_path_and_folder(tmp_path):
+    folder = save_model(tmp_path / "m", mlp_state(5))
+    by_folder = json.loads(run("hash", str(folder), "--json").stdout)["code"]
+    by_file = json.loads(run("hash", str(Path(folder) / "model.safetensors"), "--json").stdout)["code"]
+    assert by_folder == by_file
