@@ -7,16 +7,16 @@ Run as `modelhash crawl SOURCE --index INDEX`, `python -m jobs.crawl SOURCE --in
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import ray
 from tqdm import tqdm
 
-from jobs.cluster import cluster_cpus, connect
+from jobs.entry import guarded
 from pipeline.errors import ModelhashError
 from pipeline.hashing import get_spec
 from pipeline.hashing.model import hash_model
@@ -66,7 +66,12 @@ def hash_to_row(ref: ModelRef, spec_name: str) -> dict[str, Any]:
         return error_row(ref, spec.name, reason, time.perf_counter() - start)
 
 
-_hash_task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(hash_to_row)
+@functools.cache
+def _hash_task() -> Callable[..., Any]:
+    """`hash_to_row` as a Ray task; built on first use so that importing this module does not import Ray."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(hash_to_row)
 
 
 def _pending_models(
@@ -100,11 +105,15 @@ def crawl(
     """
     started = time.perf_counter()
     chosen = get_spec(spec)
-    known = IndexReader(index).known_revisions(source_name(source), chosen.name) if IndexReader.exists(index) else {}
+    known = {}
+    if IndexReader.exists(index):
+        known = IndexReader(index).known_revisions(source_name(source), chosen.name)
     with ShardWriter(index) as writer:
         summary = CrawlSummary(source=source, index=index, spec=chosen.name, run_id=writer.run_id)
         todo = _pending_models(list_models(source), known, retry_errors, summary)
         if todo:
+            from jobs.cluster import cluster_cpus, connect
+
             connect(ray_address)
             limit = max_in_flight or 2 * cluster_cpus()
             try:
@@ -132,11 +141,14 @@ def crawl(
 
 def _run_tasks(todo: list[ModelRef], spec_name: str, limit: int) -> Iterable[dict[str, Any]]:
     """Rows in completion order, at most `limit` tasks in flight; a task lost to Ray becomes an error row."""
+    import ray
+
+    task = _hash_task()
     queue = iter(todo)
     in_flight: dict[ray.ObjectRef, ModelRef] = {}
     while True:
         while len(in_flight) < limit and (ref := next(queue, None)) is not None:
-            in_flight[_hash_task.remote(ref, spec_name)] = ref
+            in_flight[task.remote(ref, spec_name)] = ref
         if not in_flight:
             return
         ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -177,10 +189,15 @@ def run(args: argparse.Namespace) -> CrawlSummary:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    summary = run(parse_args(argv))
-    print(summary.line())
+def command(args: argparse.Namespace) -> int:
+    """Run the crawl and print its summary: `modelhash crawl` and this module's main."""
+    print(run(args).line())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return guarded(lambda: command(args), "jobs.crawl")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from jobs.entry import guarded
 from pipeline.errors import ModelIndexError
 from pipeline.hashing import get_spec
 from pipeline.hashing.model import HashResult, hash_model
@@ -49,14 +50,18 @@ def describe(result: HashResult) -> dict[str, Any]:
     }
 
 
+def hash_uri(model: str, spec_name: str | None = None) -> HashResult:
+    """Hash a model given by URI (the CLI's `hash` and `compare`; a Ray worker's part of a remote query)."""
+    return hash_model(resolve_model(model), get_spec(spec_name))
+
+
 def _hash_remotely(model: str, spec_name: str, ray_address: str) -> HashResult:
     import ray
 
     from jobs.cluster import connect
 
     connect(ray_address)
-    task = ray.remote(num_cpus=1)(lambda uri, name: hash_model(resolve_model(uri), get_spec(name)))
-    return ray.get(task.remote(model, spec_name))
+    return ray.get(ray.remote(num_cpus=1)(hash_uri).remote(model, spec_name))
 
 
 def query(
@@ -75,10 +80,7 @@ def query(
     if len(indexed.codes) == 0:
         present = ", ".join(reader.specs()) or "none"
         raise ModelIndexError(f"{index}: no codes of spec {chosen.name} (specs in the index: {present})")
-    if ray_address:
-        result = _hash_remotely(model, chosen.name, ray_address)
-    else:
-        result = hash_model(resolve_model(model), chosen)
+    result = _hash_remotely(model, chosen.name, ray_address) if ray_address else hash_uri(model, chosen.name)
     return QueryResult(query=describe(result), matches=rank(indexed, result.code.code, chosen, k, max_distance))
 
 
@@ -110,7 +112,7 @@ def format_matches(result: QueryResult) -> str:
     q = result.query
     lines = [f"query {q['model_id']} ({q['spec']}, code {q['code'][:16]}...)"]
     if not result.matches:
-        lines.append("no matches")
+        return "\n".join([*lines, "no matches"])
     width = max((len(m.model_id) for m in result.matches), default=8)
     lines.append(f"{'rank':>4}  {'model':<{width}}  {'distance':>8}  {'similarity':>10}  verdict")
     for rank_no, m in enumerate(result.matches, 1):
@@ -118,13 +120,18 @@ def format_matches(result: QueryResult) -> str:
     return "\n".join(lines)
 
 
+def command(args: argparse.Namespace) -> int:
+    """Run the query and print it (ranking, or JSON with --json): `modelhash query` and this module's main."""
+    result = run(args)
+    print(result.to_json() if args.json else format_matches(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    result = run(args)
-    print(result.to_json() if args.json else format_matches(result))
-    return 0
+    return guarded(lambda: command(args), "jobs.query")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,25 @@
 """The `modelhash` command: hash, crawl, query and compare models.
 
-Every error we raise on purpose (ModelhashError) is caught here once and printed as one line.
+Every error we raise on purpose (ModelhashError) ends as one line on stderr and exit code 2 (jobs/entry.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from pipeline.errors import ModelhashError, SpecMismatchError
+from jobs.entry import guarded
+from jobs.query import describe, hash_uri
+from pipeline.errors import SpecMismatchError
 from pipeline.hashing import get_spec
-from pipeline.hashing.model import HashResult, hash_model
+from pipeline.hashing.model import HashResult
 from pipeline.search.hamming import distance
 from pipeline.search.matches import similarity
-from pipeline.sources import resolve_model
-
-
-def _hash(uri: str, spec: str | None) -> HashResult:
-    return hash_model(resolve_model(uri), get_spec(spec))
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
-    from jobs.query import describe
-
-    info = describe(_hash(args.model, args.spec))
+    info = describe(hash_uri(args.model, args.spec))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -61,7 +55,7 @@ def compare(a: HashResult, b: HashResult) -> dict[str, Any]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    report = compare(_hash(args.a, args.spec), _hash(args.b, args.spec))
+    report = compare(hash_uri(args.a, args.spec), hash_uri(args.b, args.spec))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -73,21 +67,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     for block in report["blocks"]:
         print(f"  block {block['block']}: distance {block['distance']} ({block['verdict']})")
-    return 0
-
-
-def cmd_crawl(args: argparse.Namespace) -> int:
-    from jobs import crawl
-
-    print(crawl.run(args).line())
-    return 0
-
-
-def cmd_query(args: argparse.Namespace) -> int:
-    from jobs import query
-
-    result = query.run(args)
-    print(result.to_json() if args.json else query.format_matches(result))
     return 0
 
 
@@ -105,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("crawl", help="index every model of a source")
     crawl.add_arguments(p)
-    p.set_defaults(func=cmd_crawl)
+    p.set_defaults(func=crawl.command)
 
     p = commands.add_parser("query", help="rank the index's models by distance to a model")
     query.add_arguments(p)
-    p.set_defaults(func=cmd_query)
+    p.set_defaults(func=query.command)
 
     p = commands.add_parser("compare", help="distance and verdict for two models")
     p.add_argument("a", help="first model")
@@ -122,14 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ModelhashError as exc:
-        print(f"modelhash: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print(f"modelhash: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
-        return 130
+    return guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,14 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo zoo `make run` builds (trained on digits), with its manifest."""
+    from bench.zoo import build_demo_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    manifest = build_demo_zoo(root, seed=0)
+    originals = [m["name"] for m in manifest["models"] if m["original"] is None]
+    return {"root": root, "models": manifest["models"], "originals": originals}

@@ -70,3 +70,28 @@ def test_query_ranks_copies_above_unrelated_models(library, ray_local, tmp_path)
     assert all(m.model_id.split("/")[0] != "bad" for m in result.matches)  # error rows have no code
     near = query(str(library["orig"]), index, k=20, max_distance=0)
     assert {m.model_id for m in near.matches} == {"orig", "copies/renamed", "copies/bin"}
+
+
+def test_query_hashed_on_ray_equals_the_local_query(library, ray_local, tmp_path):
+    index = str(tmp_path / "index")
+    crawl(str(library["root"]), index, progress=False)
+    local = query(str(library["fp16"]), index, k=5)
+    remote = query(str(library["fp16"]), index, k=5, ray_address="auto")
+    assert remote.query["code"] == local.query["code"] and remote.matches == local.matches
+
+
+def test_demo_zoo_ranks_every_copy_above_every_unrelated_model(demo_zoo, ray_local, tmp_path):
+    """What `make run` shows, checked: for each original, its copies come before everything else."""
+    index = str(tmp_path / "index")
+    summary = crawl(str(demo_zoo["root"]), index, progress=False)
+    assert summary.failed == 0
+    copied = {m["original"] for m in demo_zoo["models"]} - {None}
+    assert copied == {"mlp-s0", "cnn-s0"}
+    for original in copied:
+        copies = {m["name"] for m in demo_zoo["models"] if m["original"] == original}
+        assert len(copies) >= 5
+        matches = query(str(demo_zoo["root"] / original), index, k=100).matches
+        ranked = [m.model_id for m in matches]
+        assert set(ranked[: len(copies) + 1]) == copies | {original}, ranked
+        lossless = {f"{original}-{kind}" for kind in ("bin", "renamed", "prune30")}
+        assert all(m.distance == 0 for m in matches if m.model_id in lossless)

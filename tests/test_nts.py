@@ -12,7 +12,7 @@ from pipeline.formats import open_model
 from pipeline.hashing import get_spec
 from pipeline.hashing.canonical import natural_key, strip_common_prefix
 from pipeline.hashing.model import hash_model
-from pipeline.hashing.nts import NTSSpec
+from pipeline.hashing.nts import NTSSpec, _normal_test_statistic
 from pipeline.search.hamming import distance
 from pipeline.sources import resolve_model
 
@@ -84,6 +84,17 @@ def test_parts_cover_each_top_level_block(tmp_path):
     result = hash_model(resolve_model(str(save_model(tmp_path / "m", state))), SPEC)
     assert [name for name, _ in result.code.parts] == ["encoder", "head"]
     assert all(len(code) == 32 for _, code in result.code.parts)
+
+
+def test_normal_test_statistic_equals_scipy():
+    from scipy import stats  # a dev dependency: the reference implementation
+    rng = np.random.default_rng(0)
+    segments = np.concatenate(
+        [rng.normal(size=(50, 300)), rng.laplace(size=(50, 300)), rng.uniform(size=(50, 300)) ** 3]
+    )
+    expected = stats.normaltest(segments, axis=1).statistic
+    np.testing.assert_allclose(_normal_test_statistic(segments), expected, rtol=1e-9)
+    assert _normal_test_statistic(np.zeros((2, 40))).tolist() == [0.0, 0.0]
 
 
 def test_spec_name_pins_parameters():

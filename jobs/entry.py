@@ -1,0 +1,23 @@
+"""How every entry point ends: our errors as one line on stderr and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from pipeline.errors import ModelhashError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def guarded(main: Callable[[], int], prog: str = "modelhash") -> int:
+    """Run `main`; a ModelhashError prints `prog: error: <one line>` and exits 2, Ctrl-C exits 130."""
+    try:
+        return main()
+    except ModelhashError as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
