@@ -103,8 +103,17 @@ class BytesReader:
 
 
 def open_reader(uri: str) -> RangeReader:
-    """A RangeReader for a FileRef's uri. Local paths today; HTTP and S3 readers plug in here."""
+    """A RangeReader for a FileRef's uri: a local path, `http(s)://` (pipeline.blobs.http), `s3://`
+    (pipeline.blobs.s3). Remote readers are imported on first use, so local work never loads their clients."""
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme in ("", "file"):
         return LocalFileReader(uri.removeprefix("file://"))
-    raise SourceError(f"{uri}: reading {scheme}:// blobs is not supported yet")
+    if scheme in ("http", "https"):
+        from pipeline.blobs.http import HttpReader
+
+        return HttpReader(uri)
+    if scheme == "s3":
+        from pipeline.blobs.s3 import S3Reader
+
+        return S3Reader(uri)
+    raise SourceError(f"{uri}: cannot read {scheme}:// blobs")
