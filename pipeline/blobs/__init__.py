@@ -116,4 +116,4 @@ def open_reader(uri: str) -> RangeReader:
         from pipeline.blobs.s3 import S3Reader
 
         return S3Reader(uri)
-    raise SourceError(f"{uri}: cannot read {scheme}:// blobs")
+    raise SourceError(f"{uri}: {scheme}:// blobs are not supported")
