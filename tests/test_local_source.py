@@ -77,5 +77,5 @@ def test_folder_without_checkpoint(library):
 def test_missing_path_and_unsupported_scheme(tmp_path):
     with pytest.raises(SourceError, match="no such file"):
         resolve_model(str(tmp_path / "nope"))
-    with pytest.raises(SourceError, match="not supported yet"):
+    with pytest.raises(SourceError, match="not supported"):
         source_name("ftp://host/x")

@@ -1,35 +1,48 @@
-"""Sources: where models come from, by URI (`hf://org/name`, `s3://bucket/prefix`, or a plain path)."""
+"""Sources: where models come from, by URI (`hf://org/name`, `s3://bucket/prefix`, or a plain path).
+
+Every source module offers the same verbs: `SOURCE` (the `source` column value), `list_models(uri, ...)`
+yielding ModelRefs, and `model_at(uri)` resolving one model. Remote sources are imported on first use.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
 
 from pipeline.errors import SourceError
 from pipeline.refs import ModelRef
-from pipeline.sources import local
 
 __all__ = ["list_models", "resolve_model", "source_name"]
 
 
-def _scheme(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else ""
+def _module(uri: str) -> ModuleType:
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme in ("", "file"):
+        from pipeline.sources import local
+
+        return local
+    if scheme == "hf":
+        from pipeline.sources import hf
+
+        return hf
+    if scheme == "s3":
+        from pipeline.sources import s3
+
+        return s3
+    raise SourceError(f"{uri}: {scheme}:// sources are not supported (use hf://, s3:// or a local path)")
 
 
 def source_name(uri: str) -> str:
     """The `source` column value of models listed from `uri`."""
-    scheme = _scheme(uri)
-    if scheme in ("", "file"):
-        return local.SOURCE
-    raise SourceError(f"{uri}: {scheme}:// sources are not supported yet (local folders and files are)")
+    return _module(uri).SOURCE
 
 
-def list_models(uri: str) -> Iterator[ModelRef]:
-    """Every model of a source."""
-    source_name(uri)
-    return local.list_models(uri.removeprefix("file://"))
+def list_models(uri: str, **filters: Any) -> Iterator[ModelRef]:
+    """Every model of a source; `filters` (author, search, limit) narrow a hub listing."""
+    return _module(uri).list_models(uri, **filters)
 
 
 def resolve_model(uri: str) -> ModelRef:
     """One model by URI, for `hash`, `query` and `compare`."""
-    source_name(uri)
-    return local.model_at(uri.removeprefix("file://"))
+    return _module(uri).model_at(uri)

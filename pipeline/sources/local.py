@@ -20,13 +20,15 @@ SOURCE = "local"
 CONFIG_MAX_BYTES = 1 << 20
 
 
-def list_models(root: str | os.PathLike[str]) -> Iterator[ModelRef]:
-    """Every model under `root`, in sorted path order.
+def list_models(root: str | os.PathLike[str], **filters: object) -> Iterator[ModelRef]:
+    """Every model under `root` (a path or `file://` URI), in sorted path order.
 
     A folder with checkpoint files is a model; so is a leaf folder with files but no checkpoint we can
     read (it yields a ModelRef with no files, which becomes an `error` row: nothing is silently dropped).
     """
-    top = Path(root)
+    if any(v is not None for v in filters.values()):
+        raise SourceError(f"filters ({', '.join(sorted(filters))}) apply to hub listings, not to a local folder")
+    top = Path(os.fspath(root).removeprefix("file://"))
     if top.is_file():
         yield model_at(top)
         return
@@ -42,7 +44,7 @@ def list_models(root: str | os.PathLike[str]) -> Iterator[ModelRef]:
 
 def model_at(path: str | os.PathLike[str]) -> ModelRef:
     """One model: a checkpoint file, or a folder that holds one (its name is the model id)."""
-    path = Path(path)
+    path = Path(os.fspath(path).removeprefix("file://"))
     if path.is_file():
         if not is_checkpoint_name(path.name):
             raise NoCheckpointError(f"{path}: not a checkpoint (expected {', '.join(CHECKPOINT_SUFFIXES)})")
