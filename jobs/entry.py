@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from types import FrameType
 
 from pipeline.errors import ModelhashError
 
@@ -12,7 +15,12 @@ EXIT_INTERRUPTED = 130
 
 
 def guarded(main: Callable[[], int], prog: str = "modelhash") -> int:
-    """Run `main`; a ModelhashError prints `prog: error: <one line>` and exits 2, Ctrl-C exits 130."""
+    """Run `main`; a ModelhashError prints `prog: error: <one line>` and exits 2, Ctrl-C exits 130.
+
+    SIGTERM (`ray job stop`, a Kubernetes pod shutdown) is taken as Ctrl-C, so a crawl commits its work.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main()
     except ModelhashError as exc:
@@ -21,3 +29,7 @@ def guarded(main: Callable[[], int], prog: str = "modelhash") -> int:
     except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")

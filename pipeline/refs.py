@@ -47,6 +47,7 @@ class ModelRef:
     arch: str | None = None
     license: str | None = None
     declared_base: tuple[str, ...] = field(default_factory=tuple)
+    error: str | None = None  # why the source could not describe it (gated, missing): becomes an error row
 
     @property
     def key(self) -> tuple[str, str]:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.hashing.model import HashResult
-from pipeline.index.schema import STATUS_ERROR, STATUS_OK
+from pipeline.index.schema import STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK
 from pipeline.refs import ModelRef
 
 MAX_ERROR_CHARS = 500
@@ -38,6 +38,7 @@ def ok_row(result: HashResult) -> dict[str, Any]:
         "seconds": result.seconds,
         "status": STATUS_OK,
         "error": None,
+        "duplicate_of": None,
     }
 
 
@@ -54,4 +55,21 @@ def error_row(ref: ModelRef, spec: str, reason: str, seconds: float = 0.0) -> di
         "seconds": seconds,
         "status": STATUS_ERROR,
         "error": line[:MAX_ERROR_CHARS],
+        "duplicate_of": None,
+    }
+
+
+def duplicate_row(ref: ModelRef, original: dict[str, Any]) -> dict[str, Any]:
+    """The row of a model whose checkpoint files are byte-identical (by sha256) to `original`'s.
+
+    It carries the original's codes, so queries find it, and reads no weights.
+    """
+    return {
+        **_identity(ref, original["spec"]),
+        **{k: original[k] for k in ("format", "n_params", "code", "parts")},
+        "bytes_read": 0,
+        "seconds": 0.0,
+        "status": STATUS_DUPLICATE,
+        "error": None,
+        "duplicate_of": f"{original['source']}:{original['model_id']}",
     }

@@ -27,6 +27,7 @@ SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("duplicate_of", pa.string()),
         ("indexed_at", pa.timestamp("us", tz="UTC")),
     ]
 )

@@ -6,7 +6,7 @@ yielding ModelRefs, and `model_at(uri)` resolving one model. Remote sources are 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -38,9 +38,15 @@ def source_name(uri: str) -> str:
     return _module(uri).SOURCE
 
 
-def list_models(uri: str, **filters: Any) -> Iterator[ModelRef]:
-    """Every model of a source; `filters` (author, search, limit) narrow a hub listing."""
-    return _module(uri).list_models(uri, **filters)
+def list_models(
+    uri: str, *, unchanged: Callable[[str, str], bool] | None = None, **filters: Any
+) -> Iterator[ModelRef]:
+    """Every model of a source; `filters` (author, search, limit) narrow a hub listing.
+
+    `unchanged(model_id, revision)` tells a source which models the index holds already: a hub source
+    then yields them without fetching their file metadata (the caller skips them anyway).
+    """
+    return _module(uri).list_models(uri, unchanged=unchanged, **filters)
 
 
 def resolve_model(uri: str) -> ModelRef:

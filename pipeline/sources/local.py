@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.errors import NoCheckpointError, SourceError
@@ -20,8 +20,12 @@ SOURCE = "local"
 CONFIG_MAX_BYTES = 1 << 20
 
 
-def list_models(root: str | os.PathLike[str], **filters: object) -> Iterator[ModelRef]:
+def list_models(
+    root: str | os.PathLike[str], *, unchanged: Callable[[str, str], bool] | None = None, **filters: object
+) -> Iterator[ModelRef]:
     """Every model under `root` (a path or `file://` URI), in sorted path order.
+
+    Listing a folder is cheap, so `unchanged` (see `pipeline.sources.list_models`) is not needed here.
 
     A folder with checkpoint files is a model; so is a leaf folder with files but no checkpoint we can
     read (it yields a ModelRef with no files, which becomes an `error` row: nothing is silently dropped).
