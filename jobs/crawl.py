@@ -181,20 +181,22 @@ class _Committer:
     def __init__(self, index: str, summary: CrawlSummary, every: int):
         self._index, self._summary, self._every = index, summary, every
         self._writer: ShardWriter | None = None
+        self._pending = 0
 
     def add(self, row: dict[str, Any]) -> None:
         if self._writer is None:
-            self._writer = ShardWriter(self._index)
+            self._writer = ShardWriter(self._index, rows_per_shard=self._every)
         self._writer.add(row)
         self._summary.count(row)
-        if self._writer.rows_written >= self._every:
+        self._pending += 1
+        if self._pending >= self._every:
             self.commit()
 
     def commit(self) -> None:
         if self._writer is not None:
             self._summary.runs.append(self._writer.run_id)
             self._writer.commit(asdict(self._summary))
-            self._writer = None
+            self._writer, self._pending = None, 0
 
 
 def crawl(
