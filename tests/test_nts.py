@@ -98,7 +98,7 @@ def test_normal_test_statistic_equals_scipy():
 
 
 def test_spec_name_pins_parameters():
-    assert NTSSpec().name == "nts-v1:bits=256,keep=0.5"
+    assert NTSSpec().name == "nts-v1:bits=256,keep=0.5,max_params=4000000"
     assert NTSSpec(keep=0.3).name != NTSSpec().name
     assert get_spec(NTSSpec().name) is get_spec("nts")
 
@@ -118,3 +118,15 @@ def test_bytes_read_counts_only_what_was_hashed(library):
     directory = open_model(ref.files)
     matrices = sum(e.nbytes for e in directory.values() if len(e.shape) >= 2)
     assert matrices <= result.bytes_read <= matrices + 8 + 4096  # the header and the weight matrices
+
+
+def test_byte_budget_reads_leading_rows_only_and_is_format_invariant(tmp_path):
+    state = mlp_state(7, (64, 512, 512, 512, 10))  # ~560k weights
+    spec = NTSSpec(max_params=100_000)
+    a = hash_model(resolve_model(str(save_model(tmp_path / "a", state))), spec)
+    b = hash_model(resolve_model(str(save_model(tmp_path / "b", {k: v.half() for k, v in state.items()}))), spec)
+    weight_bytes = sum(v.numel() * 4 for v in state.values() if v.ndim >= 2)
+    assert a.bytes_read < 100_000 * 4 + 4096 < weight_bytes / 5
+    assert b.bytes_read < a.bytes_read  # the same rows, at half the bytes
+    assert distance(a.code.code, b.code.code) <= spec.thresholds.copy
+    assert a.code.code != hash_model(resolve_model(str(tmp_path / "a")), NTSSpec()).code.code

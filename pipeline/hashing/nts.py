@@ -14,6 +14,11 @@ exact layer rule and segment sizes are not public; this reconstruction follows r
 
 It is position-based: permuted hidden units or other layouts move weights between segments. Per-block
 codes (`parts`) come from the same procedure on each top-level block with enough weights.
+
+Byte budget (our addition, so that a 70B checkpoint costs what a small one does): when the weight
+matrices hold more than `max_params` values, each matrix contributes only its leading rows, its share of
+the budget in proportion to its size: one ranged read per tensor. The budget counts values, not bytes,
+so an fp16 copy reads the same rows as its fp32 original. Models under the budget are read whole.
 """
 
 from __future__ import annotations
@@ -36,21 +41,27 @@ class NTSSpec:
 
     bits: int = 256
     keep: float = 0.5
+    max_params: int = 4_000_000  # 16 MB of float32 per model, whatever the model's size
     # Calibrated on the demo zoo (README, "Verdicts"): copies there lie at <= 46 bits, the homolog at 66,
     # other architectures at >= 92; random codes at 128 +- 8.
     thresholds: Thresholds = field(default_factory=lambda: Thresholds(copy=48, related=80))
 
     @property
     def name(self) -> str:
-        return f"nts-v1:bits={self.bits},keep={self.keep:g}"
+        return f"nts-v1:bits={self.bits},keep={self.keep:g},max_params={self.max_params}"
 
     def compute(self, directory: TensorDirectory) -> ModelCode:
         matrices = weight_matrices(directory)
         if not matrices:
             raise HashingError("no weight matrices (floating tensors of 2+ dimensions) to hash")
+        total = sum(entry.numel for _, entry in matrices)
         kept: list[tuple[str, np.ndarray]] = []
         for name, entry in matrices:
-            values = directory.read(entry.name).astype(np.float32, copy=False).ravel()
+            rows = None
+            if total > self.max_params:
+                row_numel = entry.numel // entry.shape[0]
+                rows = (0, max(1, (self.max_params * entry.numel // total) // max(1, row_numel)))
+            values = directory.read(entry.name, rows=rows).astype(np.float32, copy=False).ravel()
             if not np.isfinite(values).all():
                 raise HashingError(f"tensor {entry.name} holds NaN or Inf values")
             kept.append((name, _important(values, self.keep)))
