@@ -228,7 +228,8 @@ def crawl(
     bar = tqdm(desc="crawl", unit="model", disable=not progress, file=sys.stderr)
     scheduler: _Scheduler | None = None
     try:
-        listing = list_models(source, unchanged=state.unchanged, **(filters or {}))
+        unchanged = functools.partial(state.unchanged, retry_errors=retry_errors)
+        listing = list_models(source, unchanged=unchanged, **(filters or {}))
         for ref in listing:
             summary.seen += 1
             if state.unchanged(ref.model_id, ref.revision, retry_errors):

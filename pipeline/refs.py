@@ -28,12 +28,14 @@ class FileRef:
 
     `uri` is what `blobs.open_reader` opens: a local path today, `https://` or `s3://` later.
     `sha256` is the digest the hub or S3 reports, when it does (never computed by reading the bytes).
+    `size` (-1 when unknown) and `etag` pin the version listed: a file that changed since is an error.
     """
 
     name: str
     size: int
     uri: str
     sha256: str | None = None
+    etag: str | None = None  # the version the listing saw; reads of another version fail, never mix
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ def _full_row() -> dict:
         "seconds": 0.25,
         "status": STATUS_OK,
         "error": None,
+        "duplicate_of": None,
         "indexed_at": datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
     }
 

@@ -102,18 +102,25 @@ class BytesReader:
         return bytes(self._data[offset : offset + length])
 
 
-def open_reader(uri: str) -> RangeReader:
+def open_reader(uri: str, *, size: int | None = None, etag: str | None = None) -> RangeReader:
     """A RangeReader for a FileRef's uri: a local path, `http(s)://` (pipeline.blobs.http), `s3://`
-    (pipeline.blobs.s3). Remote readers are imported on first use, so local work never loads their clients."""
+    (pipeline.blobs.s3). Remote readers are imported on first use, so local work never loads their clients.
+
+    `size` and `etag`, when known from the listing, pin the version: another one raises BlobError.
+    """
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    size = None if size is None or size < 0 else size
     if scheme in ("", "file"):
-        return LocalFileReader(uri.removeprefix("file://"))
+        reader = LocalFileReader(uri.removeprefix("file://"))
+        if size is not None and reader.size != size:
+            raise BlobError(f"{reader.path}: changed since listing ({size} bytes then, {reader.size} now)")
+        return reader
     if scheme in ("http", "https"):
         from pipeline.blobs.http import HttpReader
 
-        return HttpReader(uri)
+        return HttpReader(uri, expected_size=size, expected_etag=etag)
     if scheme == "s3":
         from pipeline.blobs.s3 import S3Reader
 
-        return S3Reader(uri)
+        return S3Reader(uri, expected_size=size, expected_etag=etag)
     raise SourceError(f"{uri}: {scheme}:// blobs are not supported")

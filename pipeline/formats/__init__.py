@@ -67,7 +67,7 @@ def open_model(files: Sequence[FileRef]) -> TensorDirectory:
         for shard in unit.shards:
             if shard.name in readers:
                 continue
-            reader = open_reader(shard.uri)
+            reader = open_reader(shard.uri, size=shard.size, etag=shard.etag)
             readers[shard.name] = reader
             module = safetensors if unit.format == safetensors.FORMAT else torch_zip
             for name, entry in module.read_entries(reader, shard.name).items():
@@ -107,7 +107,7 @@ def _choose_units(files: Sequence[FileRef]) -> list[_Unit]:
 
 def _read_index(index: FileRef, files: Sequence[FileRef], fmt: str) -> _Unit:
     """The shards an `*.index.json` names, as FileRefs: those passed in, else beside the index."""
-    reader = open_reader(index.uri)
+    reader = open_reader(index.uri, size=index.size, etag=index.etag)
     if reader.size > _MAX_INDEX_BYTES:
         raise FormatError(f"{index.name}: index is {reader.size} bytes, above {_MAX_INDEX_BYTES}")
     try:

@@ -179,10 +179,6 @@ class ShardWriter:
         """
         self.flush()
         path = run_record_path(self._base, self.run_id)
-        # Best effort on object stores (no create-only PUT in pyarrow): a second commit must not
-        # silently replace the first run's shard list.
-        if store.exists(self._fs, path):
-            raise ModelIndexError(f"run {self.run_id} is already committed in {self.index_uri}")
         record = RunRecord(
             run_id=self.run_id,
             started_at=self.started_at,
@@ -190,7 +186,12 @@ class ShardWriter:
             shards=tuple(self._shards),
             summary=dict(summary or {}),
         )
-        store.write_atomic(self._fs, path, record.to_json())
+        # Create-only: a second commit of this run id must not replace the first run's shard list
+        # (on S3 a conditional PUT, so two crawls racing on one run id cannot both win).
+        try:
+            store.write_new(self._fs, path, record.to_json())
+        except FileExistsError as exc:
+            raise ModelIndexError(f"run {self.run_id} is already committed in {self.index_uri}") from exc
         self._closed = True
         self.record = record
         return record
