@@ -6,16 +6,24 @@ import logging
 
 import ray
 
+from pipeline.settings import Settings
+
 
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (`auto`, `ray://...`, `host:port`), or start a local Ray.
 
-    Does nothing when this process is already connected (tests, `ray job submit` drivers).
+    Does nothing when this process is already connected (tests, `ray job submit` drivers). Workers of a
+    cluster get the driver's hub and S3 endpoints, so that every task reads from where the listing came
+    from; credentials are not sent: each node's own environment or role provides them.
     """
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        settings = Settings.from_env()
+        endpoints = {"HF_ENDPOINT": settings.hf_endpoint, "AWS_ENDPOINT_URL": settings.aws_endpoint_url}
+        env_vars = {k: v for k, v in endpoints.items() if v}
+        runtime_env = {"env_vars": env_vars} if env_vars else None
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
     else:
         # A local Ray for this run: no dashboard, quiet workers; crawl output is our own progress bar.
         ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
