@@ -41,8 +41,8 @@ def _full_row() -> dict:
         "model_id": "acme/bert-tiny",
         "revision": "0123abcd",
         "files": [
-            {"name": "model.safetensors", "size": 1234, "sha256": "ab" * 32},
-            {"name": "config.json", "size": 56, "sha256": None},
+            {"name": "model.safetensors", "size": 1234, "sha256": "ab" * 32, "etag": None},
+            {"name": "config.json", "size": 56, "sha256": None, "etag": "e1"},
         ],
         "format": "safetensors",
         "arch": "bert",

@@ -347,7 +347,8 @@ def test_crawl_from_s3_into_s3_then_nothing_to_do_then_query(s3, bucket, library
     assert rows[f"{root}/orig"]["code"] == rows[f"{root}/dup/orig"]["code"]
     weights = (library["orig"] / "model.safetensors").read_bytes()
     want = {"name": "model.safetensors", "size": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}
-    assert rows[f"{root}/orig"]["files"] == [want]
+    [files] = rows[f"{root}/orig"]["files"]
+    assert {k: files[k] for k in want} == want and files["etag"]
     assert "no checkpoint" in rows[f"{root}/bad/nocheckpoint"]["error"]
 
     second = crawl(source, index, progress=False)

@@ -18,10 +18,13 @@ _ORIGINAL_COLUMNS = ["source", "model_id", "spec", "format", "n_params", "code",
 
 
 def content_key(ref: ModelRef) -> ContentKey | None:
-    """The sorted sha256s of a model's checkpoint files; None when a file has no reported sha256."""
-    if not ref.files or any(f.sha256 is None for f in ref.files):
+    """The sorted digests of a model's checkpoint files: the sha256 the hub or S3 reports, else the ETag
+    (a hub reports git object ids for small non-LFS files, such as a sharded checkpoint's index JSON).
+    None when a file has neither: such a model is never called a duplicate."""
+    digests = [f.sha256 or f.etag for f in ref.files]
+    if not digests or not all(digests):
         return None
-    return tuple(sorted(f.sha256 for f in ref.files if f.sha256))
+    return tuple(sorted(d for d in digests if d))
 
 
 @dataclass
@@ -52,7 +55,7 @@ def load_state(index: str, source: str, spec: str) -> IndexState:
     for row in reader.read_table(_ORIGINAL_COLUMNS).to_pylist():
         if row["spec"] != spec or row["status"] != STATUS_OK or not row["files"]:
             continue
-        shas = [f["sha256"] for f in row["files"]]
+        shas = [f["sha256"] or f["etag"] for f in row["files"]]
         if all(shas):
             state.originals.setdefault(tuple(sorted(shas)), row)
     return state

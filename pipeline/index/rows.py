@@ -17,7 +17,7 @@ def _identity(ref: ModelRef, spec: str) -> dict[str, Any]:
         "source": ref.source,
         "model_id": ref.model_id,
         "revision": ref.revision,
-        "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in ref.files],
+        "files": [{"name": f.name, "size": f.size, "sha256": f.sha256, "etag": f.etag} for f in ref.files],
         "arch": ref.arch,
         "license": ref.license,
         "declared_base": list(ref.declared_base),

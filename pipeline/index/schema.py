@@ -6,7 +6,9 @@ import pyarrow as pa
 
 CODE_BYTES = 32  # 256-bit model codes
 
-FILE_TYPE = pa.struct([("name", pa.string()), ("size", pa.int64()), ("sha256", pa.string())])
+FILE_TYPE = pa.struct(
+    [("name", pa.string()), ("size", pa.int64()), ("sha256", pa.string()), ("etag", pa.string())]
+)
 PART_TYPE = pa.struct([("name", pa.string()), ("code", pa.binary())])
 
 SCHEMA = pa.schema(
