@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import ray
 
@@ -12,18 +13,12 @@ from pipeline.settings import Settings
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (`auto`, `ray://...`, `host:port`), or start a local Ray.
 
-    Does nothing when this process is already connected (tests, `ray job submit` drivers). Workers of a
-    cluster get the driver's hub and S3 endpoints, so that every task reads from where the listing came
-    from; credentials are not sent: each node's own environment or role provides them.
+    Does nothing when this process is already connected (tests, `ray job submit` drivers).
     """
     if ray.is_initialized():
         return
     if address:
-        settings = Settings.from_env()
-        endpoints = {"HF_ENDPOINT": settings.hf_endpoint, "AWS_ENDPOINT_URL": settings.aws_endpoint_url}
-        env_vars = {k: v for k, v in endpoints.items() if v}
-        runtime_env = {"env_vars": env_vars} if env_vars else None
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         # A local Ray for this run: no dashboard, quiet workers; crawl output is our own progress bar.
         ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
@@ -36,3 +31,12 @@ def cluster_cpus() -> int:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def task_options() -> dict[str, Any]:
+    """Options for tasks that read models: the driver's hub and S3 endpoints, so that every task reads
+    from where the listing came from. Credentials are not sent: each node's environment or role has them."""
+    settings = Settings.from_env()
+    endpoints = {"HF_ENDPOINT": settings.hf_endpoint, "AWS_ENDPOINT_URL": settings.aws_endpoint_url}
+    env_vars = {k: v for k, v in endpoints.items() if v}
+    return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}

@@ -112,7 +112,11 @@ class _Scheduler:
         self._spec = spec_name
         self._options = options
         self._state = state
-        extra: dict[str, Any] = {"memory": options.memory_bytes} if options.memory_bytes else {}
+        from jobs.cluster import task_options
+
+        extra: dict[str, Any] = task_options()
+        if options.memory_bytes:
+            extra["memory"] = options.memory_bytes
         if options.num_gpus:
             # GPU tasks default to max_calls=1 (a new process per task): keep workers, and their CUDA, warm.
             extra.update(num_gpus=options.num_gpus, max_calls=0)

@@ -58,10 +58,10 @@ def hash_uri(model: str, spec_name: str | None = None) -> HashResult:
 def _hash_remotely(model: str, spec_name: str, ray_address: str) -> HashResult:
     import ray
 
-    from jobs.cluster import connect
+    from jobs.cluster import connect, task_options
 
     connect(ray_address)
-    return ray.get(ray.remote(num_cpus=1)(hash_uri).remote(model, spec_name))
+    return ray.get(ray.remote(num_cpus=1)(hash_uri).options(**task_options()).remote(model, spec_name))
 
 
 def query(
