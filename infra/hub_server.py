@@ -505,6 +505,9 @@ class _ResetConnection(Exception):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as clients pool connections
     timeout = 10  # idle keep-alive connections close on their own
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm meets the client's
+    # delayed ACK and every response waits ~40 ms.
+    disable_nagle_algorithm = True
     server_version = "modelhash-hub/1"
     server: Any
 
