@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import ray
 
+from pipeline.retry import CONNECTIONS_ENV, RATE_ENV
 from pipeline.settings import Settings
 
 
@@ -34,9 +36,10 @@ def cluster_has_gpus() -> bool:
 
 
 def task_options() -> dict[str, Any]:
-    """Options for tasks that read models: the driver's hub and S3 endpoints, so that every task reads
-    from where the listing came from. Credentials are not sent: each node's environment or role has them."""
+    """Options for tasks that read models: the driver's hub and S3 endpoints (every task reads from where
+    the listing came from) and request caps. Credentials are not sent: each node's environment has them."""
     settings = Settings.from_env()
     endpoints = {"HF_ENDPOINT": settings.hf_endpoint, "AWS_ENDPOINT_URL": settings.aws_endpoint_url}
     env_vars = {k: v for k, v in endpoints.items() if v}
+    env_vars.update({k: os.environ[k] for k in (RATE_ENV, CONNECTIONS_ENV) if os.environ.get(k)})
     return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from pipeline.index.rows import duplicate_row, error_row, ok_row
 from pipeline.index.schema import STATUS_DUPLICATE, STATUS_OK
 from pipeline.index.writer import ShardWriter
 from pipeline.refs import ModelRef
+from pipeline.retry import RATE_ENV
 from pipeline.settings import Settings
 from pipeline.sources import list_models, source_name
 
@@ -297,6 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per model before it is an error row")
     parser.add_argument("--task-memory", type=int, default=None, help="bytes of memory to reserve per task")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per task (default: auto)")
+    parser.add_argument("--max-rps", type=float, default=None, help="requests per second per host, per process")
     parser.add_argument("--checkpoint-rows", type=int, default=CHECKPOINT_ROWS, help="rows per committed run")
     parser.add_argument("--retry-errors", action="store_true", help="re-hash unchanged models that failed before")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -304,6 +307,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> CrawlSummary:
     settings = Settings.from_env(ray_address=args.ray_address)
+    if args.max_rps:
+        os.environ[RATE_ENV] = str(args.max_rps)  # this process's hosts, and every task's (cluster.task_options)
     filters = {k: v for k, v in (("author", args.author), ("search", args.search), ("limit", args.limit)) if v}
     return crawl(
         args.source,

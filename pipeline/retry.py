@@ -176,6 +176,18 @@ class HostLimits:
 
 
 DEFAULT_LIMITS = HostLimits()
+RATE_ENV, CONNECTIONS_ENV = "MODELHASH_MAX_RPS", "MODELHASH_MAX_CONNECTIONS"
+
+
+def default_limits() -> HostLimits:
+    """The caps of a host with none set: `MODELHASH_MAX_RPS` and `MODELHASH_MAX_CONNECTIONS` when set (so a
+    crawl's `--max-rps` reaches every Ray worker through its environment), else DEFAULT_LIMITS."""
+    rate = os.environ.get(RATE_ENV)
+    connections = os.environ.get(CONNECTIONS_ENV)
+    return HostLimits(
+        rate=float(rate) if rate else DEFAULT_LIMITS.rate,
+        connections=int(connections) if connections else DEFAULT_LIMITS.connections,
+    )
 
 
 class _Host:
@@ -222,7 +234,7 @@ def _host(url_or_host: str) -> _Host:
     with _REGISTRY_LOCK:
         found = _HOSTS.get(key)
         if found is None:
-            found = _HOSTS[key] = _Host(_LIMITS.get(key, DEFAULT_LIMITS))
+            found = _HOSTS[key] = _Host(_LIMITS.get(key) or default_limits())
         return found
 
 
