@@ -30,5 +30,11 @@ test: setup lint
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Benchmarks (not in `make test`): each bench module writes its own section of bench/RESULTS.md.
+bench: setup
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m bench.hamming
+	$(PY) -m bench.crawl
+
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

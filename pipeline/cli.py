@@ -71,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import crawl, query
+    from jobs import crawl, query, sweep
 
     parser = argparse.ArgumentParser(prog="modelhash", description="Find copies of neural-network models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("query", help="rank the index's models by distance to a model")
     query.add_arguments(p)
     p.set_defaults(func=query.command)
+
+    p = commands.add_parser("sweep", help="search a protected set of models against the index")
+    sweep.add_arguments(p)
+    p.set_defaults(func=sweep.command)
 
     p = commands.add_parser("compare", help="distance and verdict for two models")
     p.add_argument("a", help="first model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -108,17 +110,76 @@ def test_top_k_many_matches_reference(rng: np.random.Generator, tied: bool, k: i
         assert dist[qi].tolist() == ref_dist
 
 
-def test_top_k_many_across_blocks_and_tiles(rng: np.random.Generator, monkeypatch) -> None:
-    # Small blocks and tiles so that the merge across blocks and query tiles is exercised.
-    monkeypatch.setattr(hamming, "_CHUNK_ROWS", 64)
-    monkeypatch.setattr(hamming, "_TILE_CELLS", 64 * 3)
-    codes = _tied_codes(rng, 1000)
-    queries = np.concatenate([codes[[0, 3, 999]], rng.integers(0, 2**64, size=(5, 4), dtype=np.uint64)])
-    idx, dist = hamming.top_k_many(codes, queries, 10)
-    for qi, q in enumerate(queries):
-        single = hamming.top_k(codes, q, 10)
-        assert idx[qi].tolist() == single[0].tolist() == _ref_top_k(codes, q, 10)[0]
-        assert dist[qi].tolist() == single[1].tolist()
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_top_k_many_across_threads_blocks_and_query_groups(rng: np.random.Generator, monkeypatch, threads) -> None:
+    # Several thread ranges (their heaps merged), several 2048-row cache blocks, and a query count
+    # that is not a multiple of the kernel's group of four.
+    monkeypatch.setattr(hamming, "_MIN_PAIRS_PER_THREAD", 1)
+    codes = _tied_codes(rng, 5000)
+    queries = np.concatenate([codes[[0, 3, 4999]], rng.integers(0, 2**64, size=(6, 4), dtype=np.uint64)])
+    idx, dist = hamming.top_k_many(codes, queries, 10, threads=threads)
+    ref = hamming.top_k_many(codes, queries, 10, threads=1)
+    assert np.array_equal(idx, ref[0]) and np.array_equal(dist, ref[1])
+    for qi, q in enumerate(queries[:4]):
+        assert (idx[qi].tolist(), dist[qi].tolist()) == _ref_top_k(codes, q, 10)
+    with pytest.raises(ValueError):
+        hamming.top_k_many(codes, queries, 1, threads=0)
+
+
+def test_read_only_and_strided_codes(rng: np.random.Generator) -> None:
+    codes = rng.integers(0, 2**64, size=(3000, 4), dtype=np.uint64)
+    frozen = codes.copy()
+    frozen.flags.writeable = False  # what IndexReader.load_codes hands out
+    wide = np.zeros((3000, 8), dtype=np.uint64)
+    wide[:, 1::2] = codes
+    for variant in (frozen, wide[:, 1::2]):
+        assert np.array_equal(hamming.top_k_many(variant, codes[:5], 7)[0], hamming.top_k_many(codes, codes[:5], 7)[0])
+        assert np.array_equal(hamming.top_k(variant, codes[9], 3)[0], [9, *hamming.top_k(codes, codes[9], 3)[0][1:]])
+
+
+def test_k_larger_than_n_returns_every_row(rng: np.random.Generator) -> None:
+    codes = _tied_codes(rng, 12)
+    idx, dist = hamming.top_k(codes, codes[0], 1000)
+    assert (idx.tolist(), dist.tolist()) == _ref_top_k(codes, codes[0], 1000)
+    many, _ = hamming.top_k_many(codes, codes[:2], 1000)
+    assert many.shape == (2, 12)
+
+
+@pytest.mark.parametrize("max_distance", [None, 0, 100])
+def test_torch_path_gives_the_same_answer(rng: np.random.Generator, monkeypatch, max_distance) -> None:
+    """The torch kernels, run on the CPU here; on a GPU the same test body holds (see bench/RESULTS.md)."""
+    torch = pytest.importorskip("torch")
+    from pipeline.search import torch_hamming
+
+    monkeypatch.setattr(torch_hamming, "_TILE_CELLS", 3 * 500)  # several query tiles and code blocks
+    codes = _tied_codes(rng, 2000)
+    codes[-300:] = rng.integers(0, 2**64, size=(300, 4), dtype=np.uint64)
+    queries = np.concatenate([codes[[3, 10, 1999]], rng.integers(0, 2**64, size=(4, 4), dtype=np.uint64)])
+    want = hamming.top_k_many(codes, queries, 25, max_distance, device="cpu")
+    got = hamming.top_k_many(codes, queries, 25, max_distance, device=torch.device("cpu"))
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    on_device = torch_hamming.to_device(codes, "cpu")
+    again = torch_hamming.top_k_many(on_device, queries, 25, max_distance, device="cpu")
+    assert np.array_equal(again[0], want[0])
+    x = torch_hamming.to_device(codes, "cpu")
+    assert np.array_equal(torch_hamming.popcount64(x).numpy(), np.bitwise_count(codes))
+    empty = torch_hamming.top_k_many(codes[:0], queries, 3, device="cpu")
+    assert empty[0].shape == (7, 0)
+
+
+def test_top_k_many_memory_does_not_grow_with_n(rng: np.random.Generator) -> None:
+    """Scratch is O(Q x k x threads): the same for 100k and 1.6M codes (the inputs aside)."""
+    queries = rng.integers(0, 2**64, size=(64, 4), dtype=np.uint64)
+    peaks = []
+    for n in (100_000, 1_600_000):
+        codes = rng.integers(0, 2**64, size=(n, 4), dtype=np.uint64)
+        hamming.top_k_many(codes, queries, 10)  # compile and warm the pool outside the measurement
+        tracemalloc.start()
+        hamming.top_k_many(codes, queries, 10)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 2 * peaks[0] + 64 * 1024
+    assert peaks[1] < 1_000_000  # far below the 51 MB of codes
 
 
 def test_top_k_many_max_distance_pads(rng: np.random.Generator) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,57 @@ def test_non_local_filesystem_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob(".*tmp-*"))
     loaded = IndexReader("idx", filesystem=fs).load_codes(SPEC)
     assert [c.tobytes() for c in loaded.codes] == [_row(i)["code"] for i in range(5)]
+
+
+def test_latest_row_wins_even_when_every_key_hash_collides(tmp_path: Path, monkeypatch) -> None:
+    # The 64-bit key hashes only pick the rows that go to Arrow's exact group-by: with every hash equal,
+    # the answer must not change.
+    from pipeline.index import reader as reader_module
+
+    _commit(tmp_path, [_row(0), _row(1), _row(2)], run_id="first")
+    _commit(tmp_path, [_row(1, revision="r2"), _row(3), {**_row(0), "source": "hf"}], run_id="second")
+    honest = IndexReader(str(tmp_path)).load_codes(SPEC)
+    monkeypatch.setattr(reader_module, "_key_hashes", lambda s, m: np.zeros(len(m), dtype=np.uint64))
+    colliding = IndexReader(str(tmp_path)).load_codes(SPEC)
+    for loaded in (honest, colliding):
+        columns = (loaded.source, loaded.model_id, loaded.revision)
+        got = sorted(zip(*(c.to_pylist() for c in columns), strict=True))
+        assert got == [
+            ("hf", "org/model-0", "r1"),
+            ("local", "org/model-0", "r1"),
+            ("local", "org/model-1", "r2"),
+            ("local", "org/model-2", "r1"),
+            ("local", "org/model-3", "r1"),
+        ]
+    assert np.array_equal(honest.codes, colliding.codes)
+
+
+def test_plan_and_read_codes_shard_by_shard(tmp_path: Path) -> None:
+    rows = [_row(i, status=STATUS_ERROR if i % 4 == 0 else STATUS_OK) for i in range(20)]
+    rows[5]["parts"] = [{"name": "backbone", "code": bytes([5]) * 32}, {"name": "head", "code": bytes([6]) * 32}]
+    _commit(tmp_path, rows, rows_per_shard=6)
+    reader = IndexReader(str(tmp_path))
+    plan = reader.plan_codes(SPEC)
+    loaded = reader.load_codes(SPEC, parts=True)
+    assert len(plan) == len(loaded) == 15 and plan.model_id.to_pylist() == loaded.model_id.to_pylist()
+    assert [s.offset for s in plan.shards] == [0, 4, 9, 13]
+    pieces = [reader.read_codes(s) for s in plan.shards]
+    assert np.array_equal(np.concatenate([c for c, _ in pieces]), loaded.codes)
+    assert np.concatenate([r for _, r in pieces]).tolist() == list(range(15))
+    parts = [reader.read_parts(s) for s in plan.shards]
+    assert sum(len(p) for p in parts) == len(loaded.parts) == 2
+    row = loaded.model_id.to_pylist().index("org/model-5")
+    assert loaded.parts.row.tolist() == [row, row] and loaded.parts.name.to_pylist() == ["backbone", "head"]
+    assert loaded.parts.codes[1].tobytes() == bytes([6]) * 32
+    assert pickle.loads(pickle.dumps(reader)).plan_codes(SPEC).model_id.to_pylist() == plan.model_id.to_pylist()
+
+
+def test_rows_without_a_code_or_with_bad_part_codes(tmp_path: Path) -> None:
+    _commit(tmp_path, [_row(0), _row(1, code=None), _row(2)])  # status ok, yet no code: not searchable
+    loaded = IndexReader(str(tmp_path)).load_codes(SPEC, parts=True)
+    assert loaded.model_id.to_pylist() == ["org/model-0", "org/model-2"] and loaded.codes.shape == (2, 4)
+    bad = tmp_path / "bad"
+    _commit(bad, [_row(0, parts=[{"name": "block", "code": b"short"}])])
+    with pytest.raises(ModelIndexError, match="part codes of"):
+        IndexReader(str(bad)).load_codes(SPEC, parts=True)
+    assert len(IndexReader(str(bad)).load_codes(SPEC)) == 1  # whole-model codes alone still load

@@ -1,13 +1,22 @@
 """Reading the index: only committed runs, latest row per (source, model_id, spec), codes into numpy.
 
 Shards not named by a run record (a crashed or running crawl) are never opened.
+
+Loading codes for search reads only the identity columns and the codes, in two passes over the shards:
+first identity, spec and status (small, dictionary-encoded where they repeat), to decide which rows are
+the latest searchable ones; then the code column, each shard's kept rows copied straight into one
+preallocated (N, 4) uint64 array. Peak memory is N x 32 bytes plus the identities plus one shard.
+The plan of the first pass (`CodePlan`) also lets Ray workers read their own shards' codes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,22 +31,39 @@ from pipeline.index.writer import RUNS_DIR, RunRecord, ShardEntry
 
 KEY = ("source", "model_id", "spec")  # one row per model and spec; the latest wins
 WORDS = CODE_BYTES // 8
+SEARCHABLE = (STATUS_OK, STATUS_DUPLICATE)  # statuses whose rows carry a code to search
 _READ_THREADS = 8  # shards are read concurrently: object-store latency, not CPU, dominates there
+_ID_COLUMNS = ("source", "model_id", "revision", "spec", "status")
+_DICTIONARY_COLUMNS = ("source", "spec", "status")  # few distinct values: kept as dictionaries on read
+
+
+@dataclass(frozen=True, slots=True)
+class PartCodes:
+    """Per-block codes (the index's `parts`): part j is block `name[j]` of row `row[j]` of its `Codes`."""
+
+    codes: np.ndarray  # (P, 4) uint64
+    row: np.ndarray  # (P,) int64
+    name: pa.Array  # (P,) string
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
 
 
 @dataclass(frozen=True, slots=True)
 class Codes:
     """The searchable codes of one spec: row i of `codes` belongs to `source[i]`, `model_id[i]`, ...
 
-    `codes` is (N, 4) uint64 and read-only: it may be a zero-copy view of Arrow memory. The identity
-    columns stay Arrow arrays (compact at hub scale); `identity(i)` gives one row as Python values.
+    `codes` is (N, 4) uint64, C-contiguous and read-only. The identity columns stay Arrow arrays, chunked
+    as read (compact at hub scale); `identity(i)` gives one row as Python values. `parts` holds the per-block
+    codes when they were asked for.
     """
 
     spec: str
     codes: np.ndarray
-    source: pa.Array
-    model_id: pa.Array
-    revision: pa.Array
+    source: pa.Array | pa.ChunkedArray
+    model_id: pa.Array | pa.ChunkedArray
+    revision: pa.Array | pa.ChunkedArray
+    parts: PartCodes | None = None
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -46,6 +72,39 @@ class Codes:
         """(source, model_id, revision) of row `i`."""
         i = int(i)
         return (self.source[i].as_py(), self.model_id[i].as_py(), self.revision[i].as_py())
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRows:
+    """The rows of one shard that hold searchable codes: local row numbers `keep` (ascending) become
+    rows `offset, offset + 1, ...` of the spec's codes."""
+
+    run_id: str
+    path: str  # relative to the index root, as in the run record
+    rows: int  # rows the run recorded for this shard
+    keep: np.ndarray  # int64
+    offset: int
+
+    def __len__(self) -> int:
+        return int(self.keep.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class CodePlan:
+    """Where the searchable codes of one spec are, and whose they are, before reading any code.
+
+    Row i of the spec's codes is `source[i]`, `model_id[i]`, `revision[i]`; `shards` say which shard
+    rows hold them, in order. Picklable, so that each Ray task reads only its shards.
+    """
+
+    spec: str
+    source: pa.Array | pa.ChunkedArray
+    model_id: pa.Array | pa.ChunkedArray
+    revision: pa.Array | pa.ChunkedArray
+    shards: tuple[ShardRows, ...]
+
+    def __len__(self) -> int:
+        return len(self.model_id)
 
 
 class IndexReader:
@@ -110,28 +169,143 @@ class IndexReader:
             )
         }
 
-    def load_codes(self, spec: str) -> Codes:
+    def load_codes(self, spec: str, *, parts: bool = False) -> Codes:
         """The codes of one spec, for Hamming search: latest rows with status ok/duplicate and a code.
 
-        The (N, 4) uint64 array is a view of each decoded Arrow chunk (one copy joins several chunks).
+        Reads only the identity, spec, status and code columns (and `parts` when asked), shards in
+        parallel; the codes land in one (N, 4) uint64 array without an intermediate copy of all of them.
+
+        Raises:
+            ModelIndexError: a shard is missing, unreadable, not what its run recorded, or holds a
+                part code that is not CODE_BYTES long.
         """
-        table = self._read(["source", "model_id", "revision", "status", "code"], spec=spec)
-        keep = pc.and_(
-            pc.is_in(table["status"], value_set=pa.array([STATUS_OK, STATUS_DUPLICATE])),
-            pc.is_valid(table["code"]),
+        plan = self.plan_codes(spec)
+        codes = np.empty((len(plan), WORDS), dtype=np.uint64)
+        results = self._map(lambda shard: self._fill_codes(shard, codes, parts=parts), plan.shards)
+        invalid = [bad for bad, _ in results if bad is not None]
+        part_codes = _join_parts([p for _, p in results]) if parts else None
+        source, model_id, revision = plan.source, plan.model_id, plan.revision
+        if invalid:
+            # Rows whose latest status is ok but that hold no code: nothing to search, like error rows.
+            valid = np.ones(len(plan), dtype=bool)
+            valid[np.concatenate(invalid)] = False
+            codes = codes[valid]
+            mask = pa.array(valid)
+            source, model_id, revision = source.filter(mask), model_id.filter(mask), revision.filter(mask)
+            if part_codes is not None:
+                new_row = np.cumsum(valid) - 1
+                held = valid[part_codes.row]
+                part_codes = PartCodes(
+                    codes=part_codes.codes[held], row=new_row[part_codes.row[held]], name=part_codes.name.filter(held)
+                )
+        codes.flags.writeable = False
+        return Codes(spec=spec, codes=codes, source=source, model_id=model_id, revision=revision, parts=part_codes)
+
+    def plan_codes(self, spec: str) -> CodePlan:
+        """Which shard rows hold the searchable codes of `spec`, and whose they are; reads no code.
+
+        The latest row per (source, model_id) decides: an error row hides an older ok row.
+
+        Raises:
+            ModelIndexError: a shard is missing, unreadable, or not what its run recorded.
+        """
+        jobs = [(run, shard) for run in self.runs for shard in run.shards]
+        scanned = self._map(lambda job: self._scan_ids(job[0], job[1], spec), jobs)
+        if not scanned:
+            empty = pa.array([], pa.string())
+            return CodePlan(spec=spec, source=empty, model_id=empty, revision=empty, shards=())
+        ids = pa.concat_tables([table for _, table, _ in scanned])
+        latest = _last_of_key(ids["source"], ids["model_id"])
+        searchable = np.concatenate([ok for _, _, ok in scanned])
+        chosen = latest & searchable
+        shards, offset, start = [], 0, 0
+        for (run, entry), (rows, _, _) in zip(jobs, scanned, strict=True):
+            keep = rows[chosen[start : start + len(rows)]]
+            shards.append(ShardRows(run.run_id, entry.path, entry.rows, keep, offset))
+            offset += len(keep)
+            start += len(rows)
+        if not chosen.all():
+            ids = ids.filter(pa.array(chosen))
+        # The identity columns stay chunked as read (source dictionary-encoded): joining them would copy
+        # ~30 bytes a row for nothing.
+        return CodePlan(
+            spec=spec, source=ids["source"], model_id=ids["model_id"], revision=ids["revision"], shards=tuple(shards)
         )
-        keep = pc.fill_null(keep, False)
-        if not pc.all(keep).as_py():
-            table = table.filter(keep)
-        words = _code_words(table["code"])
-        words.flags.writeable = False  # a view may share memory with Arrow buffers
-        return Codes(
-            spec=spec,
-            codes=words,
-            source=table["source"].combine_chunks(),
-            model_id=table["model_id"].combine_chunks(),
-            revision=table["revision"].combine_chunks(),
-        )
+
+    def read_codes(self, shard: ShardRows) -> tuple[np.ndarray, np.ndarray]:
+        """The codes of one planned shard: ((n, 4) uint64, their row numbers in the spec's codes).
+
+        Planned rows without a code are left out (their numbers too).
+        """
+        codes = np.empty((len(shard), WORDS), dtype=np.uint64)
+        invalid, _ = self._fill_codes(ShardRows(shard.run_id, shard.path, shard.rows, shard.keep, 0), codes)
+        rows = np.arange(shard.offset, shard.offset + len(shard), dtype=np.int64)
+        if invalid is not None:
+            valid = np.ones(len(shard), dtype=bool)
+            valid[invalid] = False
+            codes, rows = codes[valid], rows[valid]
+        return codes, rows
+
+    def read_parts(self, shard: ShardRows) -> PartCodes:
+        """The per-block codes of one planned shard; `row` counts in the spec's codes, like `read_codes`."""
+        table = self._read_shard_columns(shard.run_id, shard.path, shard.rows, ["parts"])
+        return _parts_of(table["parts"], shard)
+
+    def _fill_codes(
+        self, shard: ShardRows, out: np.ndarray, *, parts: bool = False
+    ) -> tuple[np.ndarray | None, PartCodes | None]:
+        """Copy the shard's kept codes into out[offset:]; return the offsets of rows with no code."""
+        columns = ["code", "parts"] if parts else ["code"]
+        table = self._read_shard_columns(shard.run_id, shard.path, shard.rows, columns)
+        dest = out[shard.offset : shard.offset + len(shard)]
+        invalid: list[np.ndarray] = []
+        start, pos = 0, 0
+        for chunk in table["code"].chunks:
+            stop = start + len(chunk)
+            lo, hi = np.searchsorted(shard.keep, [start, stop])
+            sel = shard.keep[lo:hi] - start
+            if len(sel):
+                np.take(_chunk_words(chunk, keep_nulls=True), sel, axis=0, out=dest[pos : pos + len(sel)])
+                if chunk.null_count:
+                    bad = np.flatnonzero(~chunk.is_valid().to_numpy(zero_copy_only=False)[sel])
+                    if len(bad):
+                        invalid.append(shard.offset + pos + bad)
+            pos += len(sel)
+            start = stop
+        part_codes = _parts_of(table["parts"], shard) if parts else None
+        return (np.concatenate(invalid) if invalid else None), part_codes
+
+    def _scan_ids(self, run: RunRecord, entry: ShardEntry, spec: str) -> tuple[np.ndarray, pa.Table, np.ndarray]:
+        """(local rows of `spec`, their source/model_id/revision, whether each is searchable by status)."""
+        table = self._read_shard_columns(run.run_id, entry.path, entry.rows, _ID_COLUMNS, dictionary=True)
+        rows = np.flatnonzero(_is_in(table["spec"], [spec]))
+        table = table.select(["source", "model_id", "revision", "status"])
+        if len(rows) < table.num_rows:  # a shard of one spec keeps Parquet's buffers, uncopied
+            table = table.take(pa.array(rows))
+        ok = _is_in(table["status"], SEARCHABLE)
+        return rows, table.select(["source", "model_id", "revision"]), ok
+
+    def _read_shard_columns(
+        self, run_id: str, path: str, rows: int, columns: Sequence[str], *, dictionary: bool = False
+    ) -> pa.Table:
+        run = next((r for r in self.runs if r.run_id == run_id), None)
+        if run is None:
+            raise ModelIndexError(f"run {run_id} is not committed in {self.index_uri}")
+        fields = [
+            pa.field(c, pa.dictionary(pa.int32(), SCHEMA.field(c).type))
+            if dictionary and c in _DICTIONARY_COLUMNS
+            else SCHEMA.field(c)
+            for c in columns
+        ]
+        read_dictionary = [c for c in columns if c in _DICTIONARY_COLUMNS] if dictionary else ()
+        return self._read_shard(run, ShardEntry(path, rows), pa.schema(fields), read_dictionary=read_dictionary)
+
+    @staticmethod
+    def _map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(items))) as pool:
+            return list(pool.map(fn, items))  # keeps commit order
 
     def specs(self) -> list[str]:
         """The specs present in committed rows, sorted."""
@@ -188,14 +362,18 @@ class IndexReader:
             table = _latest(table, [k for k in KEY if k not in pinned])
         return table.select(columns)
 
-    def _read_shard(self, run: RunRecord, shard: ShardEntry, schema: pa.Schema) -> pa.Table:
+    def _read_shard(
+        self, run: RunRecord, shard: ShardEntry, schema: pa.Schema, *, read_dictionary: Sequence[str] = ()
+    ) -> pa.Table:
         path = store.join(self._base, shard.path)
         where = f"shard {shard.path} of run {run.run_id} in {self.index_uri}"
         if not store.exists(self._fs, path):
             raise ModelIndexError(f"{where} is missing")
         try:
-            with self._fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f)
+            # Local shards are memory-mapped: decoding reads the page cache, no buffered copy of the file.
+            local = isinstance(self._fs, pafs.LocalFileSystem)
+            with pa.memory_map(path) if local else self._fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f, read_dictionary=list(read_dictionary) or None)
                 if pf.metadata.num_rows != shard.rows:
                     raise ModelIndexError(
                         f"{where} holds {pf.metadata.num_rows} rows, its run recorded {shard.rows}"
@@ -233,11 +411,134 @@ def _code_words(column: pa.ChunkedArray) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def _chunk_words(chunk: pa.FixedSizeBinaryArray) -> np.ndarray:
+def _chunk_words(chunk: pa.FixedSizeBinaryArray, *, keep_nulls: bool = False) -> np.ndarray:
+    """A view of a fixed_size_binary(32) chunk as (n, 4) uint64; null rows dropped (a copy) unless kept."""
     # A chunk may be a slice: its data buffer starts `offset` rows earlier (ecosystem.md 4.2).
     data = chunk.buffers()[1]
     rows = chunk.offset + len(chunk)
-    words = np.frombuffer(data, dtype=np.uint64, count=rows * WORDS).reshape(rows, WORDS)[chunk.offset :]
-    if chunk.null_count:
+    if data is None:  # all null
+        words = np.zeros((len(chunk), WORDS), dtype=np.uint64)
+    else:
+        words = np.frombuffer(data, dtype=np.uint64, count=rows * WORDS).reshape(rows, WORDS)[chunk.offset :]
+    if chunk.null_count and not keep_nulls:
         words = words[chunk.is_valid().to_numpy(zero_copy_only=False)]
     return words
+
+
+def _is_in(column: pa.ChunkedArray, values: Sequence[str]) -> np.ndarray:
+    """Boolean mask of rows equal to one of `values`, comparing dictionary indices where it can."""
+    masks = []
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            hits = [i for i, v in enumerate(chunk.dictionary.to_pylist()) if v in values]
+            indices = chunk.indices.to_numpy(zero_copy_only=False)
+            mask = np.isin(indices, hits) if hits else np.zeros(len(chunk), dtype=bool)
+            if chunk.null_count:
+                mask &= chunk.is_valid().to_numpy(zero_copy_only=False)
+        else:
+            mask = pc.fill_null(pc.is_in(chunk, value_set=pa.array(values, chunk.type)), False).to_numpy(
+                zero_copy_only=False
+            )
+        masks.append(mask)
+    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+
+
+def _last_of_key(source: pa.ChunkedArray, model_id: pa.ChunkedArray) -> np.ndarray:
+    """Whether each row is the last of its (source, model_id) key: what `_latest` keeps, at 10M rows.
+
+    A 64-bit hash per row finds the rows whose hash repeats; only those (re-crawled models, and any
+    true hash collision) go through Arrow's exact group-by, so a collision can never merge two models.
+    """
+    n = len(model_id)
+    last = np.ones(n, dtype=bool)
+    if n < 2:
+        return last
+    hashes = _key_hashes(source, model_id)
+    ordered = np.sort(hashes)
+    repeats = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if not len(repeats):
+        return last  # every key once: the common case, decided without comparing a string
+    rows = np.flatnonzero(np.isin(hashes, repeats))
+    subset = pa.table(
+        {
+            "source": source.take(pa.array(rows)),
+            "model_id": model_id.take(pa.array(rows)),
+            "_row": pa.array(rows),
+        }
+    )
+    if pa.types.is_dictionary(subset["source"].type):
+        subset = subset.set_column(0, "source", subset["source"].cast(pa.string()))
+    winners = subset.group_by(["source", "model_id"], use_threads=False).aggregate([("_row", "max")])
+    last[rows] = False
+    last[winners["_row_max"].to_numpy()] = True
+    return last
+
+
+def _key_hashes(source: pa.ChunkedArray, model_id: pa.ChunkedArray) -> np.ndarray:
+    """FNV-1a of each row's model_id, seeded by a hash of its source (uint64)."""
+    fnv = _fnv()
+    source = source.combine_chunks()
+    if not pa.types.is_dictionary(source.type):
+        source = source.dictionary_encode()
+    by_value = np.array([fnv.seed(v) for v in source.dictionary.to_pylist()] or [0], dtype=np.uint64)
+    indices = source.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    seeds = np.where(indices >= 0, by_value[np.maximum(indices, 0)], np.uint64(fnv.seed(None)))
+    out = np.empty(len(model_id), dtype=np.uint64)
+    start = 0
+    for chunk in model_id.chunks:
+        if pa.types.is_large_string(chunk.type):
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)
+        else:
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)
+        offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = chunk.buffers()[2]
+        data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+        fnv.fnv1a(offsets, data, seeds[start : start + len(chunk)], out[start : start + len(chunk)])
+        start += len(chunk)
+    return out
+
+
+@functools.cache
+def _fnv() -> ModuleType:
+    # numba (a dependency for the Hamming kernels) is imported only when an index is loaded for search.
+    from pipeline.index import _fnv
+
+    return _fnv
+
+
+def _parts_of(column: pa.ChunkedArray, shard: ShardRows) -> PartCodes:
+    """The kept rows' per-block codes; `row` counts from the shard's offset."""
+    lists = column.take(pa.array(shard.keep)).combine_chunks()
+    if len(lists) == 0:
+        return _no_parts()
+    parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = lists.flatten()
+    names, raw = flat.field("name"), flat.field("code")
+    if raw.null_count:
+        raise ModelIndexError(f"shard {shard.path}: a part code is null")
+    try:
+        fixed = raw.cast(pa.binary(CODE_BYTES))
+    except pa.ArrowInvalid as exc:
+        lengths = sorted(set(pc.binary_length(raw).to_pylist()) - {CODE_BYTES})
+        raise ModelIndexError(
+            f"shard {shard.path}: part codes of {lengths} bytes, the index holds {CODE_BYTES}-byte codes"
+        ) from exc
+    return PartCodes(codes=np.array(_chunk_words(fixed)), row=parent + shard.offset, name=names)
+
+
+def _no_parts() -> PartCodes:
+    codes = np.empty((0, WORDS), dtype=np.uint64)
+    return PartCodes(codes=codes, row=np.empty(0, dtype=np.int64), name=pa.array([], pa.string()))
+
+
+def _join_parts(parts: Sequence[PartCodes | None]) -> PartCodes:
+    held = [p for p in parts if p is not None and len(p)]
+    if not held:
+        return _no_parts()
+    codes = np.concatenate([p.codes for p in held])
+    codes.flags.writeable = False
+    return PartCodes(
+        codes=codes,
+        row=np.concatenate([p.row for p in held]),
+        name=pa.concat_arrays([p.name for p in held]),
+    )

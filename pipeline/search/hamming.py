@@ -1,15 +1,29 @@
 """Hamming search over 256-bit codes held as (N, 4) uint64 arrays (stage 1 of a query or sweep).
 
 Results are always ordered by (distance, index): equal distances go to the lower index, so a query
-gives the same answer on every run and machine.
+gives the same answer on every run, machine, thread count and device.
 
-The scan walks rows in chunks and XORs one 64-bit word column at a time: on this project's machines
-that is about 4x faster than XOR-ing whole (chunk, 4) blocks (the per-word temporaries stay in cache).
+The scans are compiled kernels (`_kernels.py`, numba) that release the GIL: the rows are cut into one
+contiguous range per thread, each thread keeps its own per-query top-k heaps, and the heaps are merged
+by (distance, index). Selection is fused into the scan (a row is kept only when it beats the query's
+current k-th distance or `max_distance`), so a query never materializes its N distances. Many queries
+pass over each cache-resident block of codes (`top_k_many`); a single query runs at memory speed.
+
+`top_k_many(..., device="cuda")` runs the same search with torch (`torch_hamming.py`); by default it does
+so when torch sees a GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -20,12 +34,13 @@ WORDS = CODE_BYTES // 8
 BITS = CODE_BYTES * 8
 NO_MATCH = -1  # index padding in top_k_many rows that hold fewer than k results
 NO_DISTANCE = np.iinfo(np.uint16).max  # distance padding next to NO_MATCH
+KEY_SHIFT = 40  # sort keys are distance << 40 | index: at most 2**40 codes per scan
+MAX_ROWS = 1 << KEY_SHIFT
+CPU = "cpu"  # the compiled CPU kernels; any other device name runs torch on that device
 
-_CHUNK_ROWS = 32_768
-_TILE_CELLS = 1 << 21  # queries x codes per top_k_many tile: ~16 MiB of uint64 scratch
-_INDEX_BITS = 48  # top_k_many packs (distance << 48 | index) into one uint64 sort key
-_INDEX_MASK = np.uint64((1 << _INDEX_BITS) - 1)
-_EMPTY_KEY = np.iinfo(np.uint64).max
+_INDEX_MASK = np.uint64((1 << KEY_SHIFT) - 1)
+_EMPTY_KEY = np.uint64(np.iinfo(np.uint64).max)
+_MIN_PAIRS_PER_THREAD = 1 << 16  # below this many (query, code) pairs a thread costs more than it saves
 
 
 def as_words(code: bytes) -> np.ndarray:
@@ -58,29 +73,29 @@ def distance(a: bytes, b: bytes) -> int:
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).bit_count()
 
 
-def distances(codes: np.ndarray, query: np.ndarray | bytes) -> np.ndarray:
+@functools.cache
+def default_threads() -> int:
+    """Threads a scan uses by default: the CPUs this process may run on (read once)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def distances(codes: np.ndarray, query: np.ndarray | bytes, *, threads: int | None = None) -> np.ndarray:
     """Distance from `query` to every row of `codes`, as uint16 of shape (N,)."""
     codes = _check_codes(codes)
     q = _check_query(query)
-    n = codes.shape[0]
-    out = np.empty(n, dtype=np.uint16)
-    chunk = min(_CHUNK_ROWS, max(n, 1))
-    xor = np.empty(chunk, dtype=np.uint64)
-    bits = np.empty(chunk, dtype=np.uint8)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        m = stop - start
-        acc = out[start:stop]
-        acc[:] = 0
-        for w in range(WORDS):
-            np.bitwise_xor(codes[start:stop, w], q[w], out=xor[:m])
-            np.bitwise_count(xor[:m], out=bits[:m])
-            np.add(acc, bits[:m], out=acc)
+    out = np.empty(codes.shape[0], dtype=np.uint16)
+    kernels = _kernels()
+    _run(lambda lo, hi: kernels.distances(codes, q, lo, hi, out), codes.shape[0], 1, threads)
     return out
 
 
 def top_k(
-    codes: np.ndarray, query: np.ndarray | bytes, k: int, max_distance: int | None = None
+    codes: np.ndarray,
+    query: np.ndarray | bytes,
+    k: int,
+    max_distance: int | None = None,
+    *,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest rows: (indices int64, distances uint16), ordered by (distance, index).
 
@@ -89,95 +104,134 @@ def top_k(
     Raises:
         ValueError: k <= 0 or max_distance < 0. SpecMismatchError: wrong code width.
     """
-    k = _check_k(k)
-    _check_max_distance(max_distance)
-    d = distances(codes, query)
-    candidates = None
-    if max_distance is not None:
-        candidates = np.flatnonzero(d <= max_distance)
-        d = d[candidates]
-    if k < d.shape[0]:
-        part = np.argpartition(d, k - 1)[:k]
-        # argpartition picks arbitrary members of the tie at the k-th distance: every row below it
-        # is in `part`, so take the tie's lowest indices explicitly.
-        kth = d[part].max()
-        below = part[d[part] < kth]
-        tied = np.flatnonzero(d == kth)[: k - below.shape[0]]
-        sel = np.concatenate([below, tied])
-    else:
-        sel = np.arange(d.shape[0])
-    sel = sel[np.lexsort((sel, d[sel]))]
-    indices = sel if candidates is None else candidates[sel]
-    return indices.astype(np.int64, copy=False), d[sel]
+    q = _check_query(query)
+    idx, dist = top_k_many(codes, q[None, :], k, max_distance, device=CPU, threads=threads)
+    found = idx[0] != NO_MATCH
+    return idx[0][found], dist[0][found]
 
 
-def within(codes: np.ndarray, query: np.ndarray | bytes, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+def within(
+    codes: np.ndarray, query: np.ndarray | bytes, max_distance: int, *, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Every row within `max_distance`: (indices int64, distances uint16), ordered by (distance, index)."""
     _check_max_distance(max_distance)
-    d = distances(codes, query)
+    d = distances(codes, query, threads=threads)
     idx = np.flatnonzero(d <= max_distance)
     idx = idx[np.argsort(d[idx], kind="stable")]  # stable: ties keep ascending index order
     return idx.astype(np.int64, copy=False), d[idx]
 
 
 def top_k_many(
-    codes: np.ndarray, queries: np.ndarray, k: int, max_distance: int | None = None
+    codes: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    max_distance: int | None = None,
+    *,
+    device: Any = None,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`top_k` for each row of `queries` (Q, 4), scanning codes tile by tile, never a Q x N matrix.
+    """`top_k` for each row of `queries` (Q, 4) in one pass over `codes`, never a Q x N matrix.
+
+    Args:
+        codes: (N, 4) uint64, any strides (a non-contiguous array is copied once).
+        queries: (Q, 4) uint64.
+        k: results per query.
+        max_distance: keep only rows within this many bits.
+        device: `"cpu"` for the compiled CPU kernels; any other device name (`"cuda"`, `"cuda:1"`) or a
+            `torch.device` (even `torch.device("cpu")`) runs torch there; None: `"cuda"` when torch
+            sees a GPU, else `"cpu"`.
+        threads: CPU threads (default: `default_threads()`).
 
     Returns (indices (Q, min(k, N)) int64, distances same shape uint16), each row ordered by
     (distance, index). Slots left empty by `max_distance` hold NO_MATCH and NO_DISTANCE, at the end.
+    Memory: O(Q * k * threads) besides the inputs.
 
     Raises:
-        ValueError: k <= 0, max_distance < 0, queries not 2-D. TypeError: not uint64.
-        SpecMismatchError: wrong code width.
+        ValueError: k <= 0, max_distance < 0, queries not 2-D, more than 2**40 codes.
+        TypeError: not uint64. SpecMismatchError: wrong code width.
     """
     codes = _check_codes(codes)
     queries = _check_codes(queries, what="queries")
     k = _check_k(k)
     _check_max_distance(max_distance)
     n, nq = codes.shape[0], queries.shape[0]
-    if n >= 1 << _INDEX_BITS:
-        raise ValueError(f"at most 2**{_INDEX_BITS} codes per scan, got {n}")
+    if n >= MAX_ROWS:
+        raise ValueError(f"at most 2**{KEY_SHIFT} codes per scan, got {n}")
     kk = min(k, n)
-    # Each query keeps its best kk (distance << 48 | index) keys: unique per row, so sorting keys
-    # orders by (distance, index) with no tie left to chance.
-    best = np.full((nq, kk), _EMPTY_KEY, dtype=np.uint64)
     if kk == 0 or nq == 0:
-        return _unpack(best)
-    block = min(n, max(_CHUNK_ROWS, kk))
-    q_tile = max(1, _TILE_CELLS // block)
-    for q0 in range(0, nq, q_tile):
-        qs = queries[q0 : q0 + q_tile]
-        kept = best[q0 : q0 + q_tile]
-        xor = np.empty((qs.shape[0], block), dtype=np.uint64)
-        bits = np.empty((qs.shape[0], block), dtype=np.uint8)
-        dist = np.empty((qs.shape[0], block), dtype=np.uint16)
-        for c0 in range(0, n, block):
-            m = min(block, n - c0)
-            x, b, d = xor[:, :m], bits[:, :m], dist[:, :m]
-            d[:] = 0
-            for w in range(WORDS):
-                np.bitwise_xor(codes[c0 : c0 + m, w][None, :], qs[:, w][:, None], out=x)
-                np.bitwise_count(x, out=b)
-                np.add(d, b, out=d)
-            keys = x  # reuse the scratch: the XOR is consumed
-            np.left_shift(d, np.uint64(_INDEX_BITS), out=keys, dtype=np.uint64)
-            np.bitwise_or(keys, np.arange(c0, c0 + m, dtype=np.uint64)[None, :], out=keys)
-            if max_distance is not None:
-                keys[d > max_distance] = _EMPTY_KEY
-            merged = np.concatenate([kept, keys], axis=1)
-            if merged.shape[1] > kk:
-                merged = np.partition(merged, kk - 1, axis=1)[:, :kk]
-            kept[:] = merged
-        kept.sort(axis=1)
-    return _unpack(best)
+        return _unpack(np.full((nq, kk), _EMPTY_KEY, dtype=np.uint64))
+    device = _choose_device(device)
+    if device != CPU:
+        from pipeline.search import torch_hamming
+
+        return torch_hamming.top_k_many(codes, queries, k, max_distance, device=device)
+    codes = np.ascontiguousarray(codes)
+    queries = np.ascontiguousarray(queries)
+    kernels = _kernels()
+    cut0 = np.uint64(BITS + 1 if max_distance is None else min(max_distance, BITS) + 1)
+
+    def scan(lo: int, hi: int) -> np.ndarray:
+        keys = np.full(nq * kk, _EMPTY_KEY, dtype=np.uint64)
+        cut = np.full(nq, cut0, dtype=np.uint64)
+        kernels.top_k(codes, queries, lo, hi, kk, cut, keys)
+        return keys.reshape(nq, kk)
+
+    parts = _run(scan, n, nq, threads)
+    keys = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    keys.sort(axis=1)
+    return _unpack(keys[:, :kk])
+
+
+def _run(scan: Callable[[int, int], Any], n: int, nq: int, threads: int | None) -> list[Any]:
+    """`scan(lo, hi)` over one contiguous row range per thread, results in row order."""
+    threads = default_threads() if threads is None else operator.index(threads)
+    if threads <= 0:
+        raise ValueError(f"threads must be positive, got {threads}")
+    threads = max(1, min(threads, (n * nq) // _MIN_PAIRS_PER_THREAD, n))
+    if threads == 1:
+        return [scan(0, n)]
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64).tolist()
+    pool = _pool(threads)
+    return list(pool.map(scan, bounds[:-1], bounds[1:]))
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hamming")
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    # numba costs ~0.5 s to import: only the first scan pays it, not `modelhash --help`.
+    from pipeline.search import _kernels
+
+    return _kernels
+
+
+def _choose_device(device: Any) -> Any:
+    if device is None:
+        return "cuda" if _cuda_available() else CPU
+    return CPU if isinstance(device, str) and device == CPU else device
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    # Importing torch costs ~2 s: ask it only where a GPU driver is present (NVIDIA, or ROCm's /dev/kfd).
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    driver = (nvidia.is_dir() and any(nvidia.iterdir())) or Path("/dev/kfd").exists()
+    if not driver and "torch" not in sys.modules:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _unpack(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     empty = keys == _EMPTY_KEY
     indices = (keys & _INDEX_MASK).astype(np.int64)
-    dists = (keys >> np.uint64(_INDEX_BITS)).astype(np.uint16)
+    dists = (keys >> np.uint64(KEY_SHIFT)).astype(np.uint16)
     indices[empty] = NO_MATCH
     dists[empty] = NO_DISTANCE
     return indices, dists

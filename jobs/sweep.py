@@ -1,0 +1,580 @@
+"""The sweep job: a protected set of models against the index, candidate pairs as a Parquet report.
+
+Run as `modelhash sweep PROTECTED --index INDEX --out REPORT`, `python -m jobs.sweep ...`, or through
+`ray job submit -- python -m jobs.sweep ...`. PROTECTED is a folder of models, a text file listing one
+model URI per line, or another index. Every protected code (whole-model and per-block) is searched
+against every code of the index (whole-model and per-block), so a backbone reused under a new head is
+found through its block. Stage 1 only: candidates by Hamming distance, with the spec's verdicts.
+
+Without `--ray-address` (or RAY_ADDRESS) the protected models are hashed and the index scanned in this
+process, on all its cores. With it, both run on the Ray cluster: each scan task reads a few shards of
+the index and returns its per-query top-k; the driver merges them, exactly as one scan would rank them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from jobs.entry import guarded
+from jobs.query import hash_uri
+from pipeline.errors import ModelhashError, ModelIndexError, SourceError
+from pipeline.hashing import Spec, get_spec
+from pipeline.hashing.model import HashResult, hash_model
+from pipeline.index.reader import Codes, IndexReader, ShardRows
+from pipeline.refs import ModelRef, is_checkpoint_name
+from pipeline.search import hamming
+from pipeline.search.sweep import PARTS, WHOLE, Hits, Target, empty_hits, merge, search
+from pipeline.settings import Settings
+from pipeline.sources import list_models
+
+QUERY_TILE = 4096  # query codes per local pass over the index: the unit of streaming and progress
+SCAN_RETRIES = 3  # a scan task lost with its worker is re-run
+
+REPORT_SCHEMA = pa.schema(
+    [
+        ("query_source", pa.string()),
+        ("query_model_id", pa.string()),
+        ("query_revision", pa.string()),
+        ("part", pa.string()),  # the protected model's block, null for its whole-model code
+        ("match_source", pa.string()),
+        ("match_model_id", pa.string()),
+        ("match_revision", pa.string()),
+        ("match_part", pa.string()),  # the indexed model's block, null for its whole-model code
+        ("distance", pa.int32()),
+        ("similarity", pa.float64()),
+        ("verdict", pa.string()),
+        ("rank", pa.int32()),  # 1 = nearest, per protected code and kind of match
+        ("same_model", pa.bool_()),  # the protected model itself (same source and model_id) in the index
+    ]
+)
+
+
+@dataclass
+class Protected:
+    """The protected models' codes, flattened: query code i belongs to model `owner[i]`, block `part[i]`."""
+
+    source: list[str] = field(default_factory=list)
+    model_id: list[str] = field(default_factory=list)
+    revision: list[str | None] = field(default_factory=list)
+    codes: list[bytes] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)
+    part: list[str | None] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def models(self) -> int:
+        return len(self.model_id)
+
+    def add(
+        self, source: str, model_id: str, revision: str | None, code: bytes, parts: Iterable[tuple[str, bytes]]
+    ) -> None:
+        m = self.models
+        self.source.append(source)
+        self.model_id.append(model_id)
+        self.revision.append(revision)
+        for name, c in [(None, code), *parts]:
+            hamming.as_words(c)  # a code of another length is refused here, not matched wrongly
+            self.codes.append(bytes(c))
+            self.owner.append(m)
+            self.part.append(name)
+
+    def words(self) -> np.ndarray:
+        """(Q, 4) uint64 query codes."""
+        if not self.codes:
+            return np.empty((0, hamming.WORDS), dtype=np.uint64)
+        return np.frombuffer(b"".join(self.codes), dtype=np.uint64).reshape(-1, hamming.WORDS)
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep found and what it cost; written beside the report as JSON and Markdown."""
+
+    protected: str
+    index: str
+    spec: str
+    report: str
+    k: int
+    max_distance: int
+    ray: bool
+    protected_models: int = 0
+    query_codes: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    index_codes: int = 0
+    index_parts: int = 0
+    pairs: int = 0
+    by_verdict: dict[str, int] = field(default_factory=dict)  # pairs of different models
+    same_model: int = 0
+    flagged_models: int = 0  # distinct (protected, indexed) model pairs with a copy or related verdict
+    top: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        verdicts = ", ".join(f"{n} {v}" for v, n in sorted(self.by_verdict.items())) or "no pairs"
+        return (
+            f"{self.protected_models} protected models ({len(self.failed)} failed) against {self.index_codes} "
+            f"codes: {verdicts}; {self.flagged_models} flagged model pairs "
+            f"({self.seconds.get('total', 0):.1f} s; report {self.report})"
+        )
+
+    def markdown(self) -> str:
+        lines = [
+            f"# Sweep of {self.protected} against {self.index}",
+            "",
+            f"- spec `{self.spec}`, k = {self.k}, max distance {self.max_distance} bits",
+            f"- {self.protected_models} protected models ({self.query_codes} codes, {len(self.failed)} failed), "
+            f"{self.index_codes} indexed codes and {self.index_parts} block codes",
+            f"- {self.pairs} pairs: " + (", ".join(f"{n} {v}" for v, n in sorted(self.by_verdict.items())) or "none")
+            + f" (and {self.same_model} of a model with itself)",
+            f"- {self.flagged_models} flagged model pairs; "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()),
+        ]
+        if self.top:
+            lines += ["", "| protected | block | indexed | block | distance | verdict |", "|---|---|---|---|---|---|"]
+            for t in self.top:
+                lines.append(
+                    f"| {t['query_model_id']} | {t['part'] or ''} | {t['match_model_id']} | "
+                    f"{t['match_part'] or ''} | {t['distance']} | {t['verdict']} |"
+                )
+        for f in self.failed:
+            lines.append(f"- failed: {f['model']}: {f['error']}")
+        return "\n".join(lines) + "\n"
+
+
+def sweep(
+    protected: str,
+    index: str,
+    out: str,
+    *,
+    k: int = 10,
+    max_distance: int | None = None,
+    spec: str | None = None,
+    parts: bool = True,
+    ray_address: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> SweepSummary:
+    """Search every protected code against `index`; write the pairs to `out` (Parquet) and a summary.
+
+    Args:
+        protected: a folder of models, a file listing model URIs (one per line, `#` comments), or an index.
+        index: the index to sweep.
+        out: the report's path; the summary goes beside it (`.summary.json`, `.summary.md`).
+        k: matches per protected code and kind (whole-model, per-block).
+        max_distance: only pairs within this many bits (default: the spec's `related` threshold).
+        parts: also search per-block codes.
+        ray_address: run on this Ray cluster (`auto`, `host:port`); None: in this process.
+        device: "cpu", "cuda", or None (CUDA when torch sees a GPU).
+
+    Raises:
+        ModelIndexError: the index is missing, corrupt, or holds no code of the spec.
+        SourceError: PROTECTED is neither a folder, a list file nor an index.
+    """
+    started = time.perf_counter()
+    chosen = get_spec(spec)
+    k = hamming._check_k(k)
+    max_distance = chosen.thresholds.related if max_distance is None else max_distance
+    hamming._check_max_distance(max_distance)
+    summary = SweepSummary(
+        protected=protected, index=index, spec=chosen.name, report=out, k=k, max_distance=max_distance,
+        ray=ray_address is not None,
+    )
+    reader = IndexReader(index)  # a missing index fails before any model is hashed
+    if ray_address is not None:
+        from jobs.cluster import connect
+
+        connect(ray_address)
+    tick = time.perf_counter()
+    queries = load_protected(protected, chosen, use_ray=ray_address is not None, progress=progress)
+    summary.seconds["hash"] = time.perf_counter() - tick
+    summary.protected_models, summary.query_codes, summary.failed = queries.models, len(queries.codes), queries.failed
+
+    tick = time.perf_counter()
+    words = queries.words()
+    if ray_address is not None:
+        identities, hits = _scan_on_ray(reader, chosen, words, k, max_distance, parts, device, progress, summary)
+        summary.seconds["scan"] = time.perf_counter() - tick
+        tiles: Iterable[tuple[slice, dict[str, Hits]]] = _tiles_of(hits, len(words))
+    else:
+        identities = reader.load_codes(chosen.name, parts=parts)
+        _check_not_empty(identities, reader, index, chosen)
+        summary.index_codes = len(identities)
+        summary.index_parts = len(identities.parts) if identities.parts is not None else 0
+        summary.seconds["load"] = time.perf_counter() - tick
+        tiles = _scan_locally(identities, words, k, max_distance, parts, device, progress)
+    tick = time.perf_counter()
+    _write_report(out, tiles, queries, identities, chosen, summary)
+    if ray_address is None:
+        summary.seconds["scan"] = time.perf_counter() - tick
+    summary.seconds["total"] = time.perf_counter() - started
+    summary.seconds = {key: round(v, 3) for key, v in summary.seconds.items()}
+    base = _summary_base(out)
+    Path(f"{base}.summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    Path(f"{base}.summary.md").write_text(summary.markdown())
+    return summary
+
+
+def load_protected(protected: str, spec: Spec, *, use_ray: bool = False, progress: bool = True) -> Protected:
+    """The protected models' codes: read from an index, or hashed (on Ray when `use_ray`).
+
+    A model that cannot be hashed is recorded in `failed`; the sweep goes on without it.
+    """
+    out = Protected()
+    if IndexReader.exists(protected):
+        codes = IndexReader(protected).load_codes(spec.name, parts=True)
+        if len(codes) == 0:
+            raise ModelIndexError(f"protected index {protected} holds no code of spec {spec.name}")
+        _add_indexed(out, codes)
+        return out
+    items: list[ModelRef | str]
+    if os.path.isfile(protected) and not is_checkpoint_name(protected):
+        items = _read_list(protected)
+    elif os.path.exists(protected) or "://" in protected:
+        items = list(list_models(protected))
+    else:
+        raise SourceError(f"{protected}: no such folder, list file or index")
+    results = _hash_all(items, spec.name, use_ray, progress)
+    for item, result in zip(items, results, strict=True):
+        if isinstance(result, str):
+            out.failed.append({"model": item if isinstance(item, str) else item.model_id, "error": result})
+        else:
+            r = result.ref
+            out.add(r.source, r.model_id, r.revision, result.code.code, result.code.parts)
+    return out
+
+
+def hash_item(item: ModelRef | str, spec_name: str) -> HashResult | str:
+    """Hash a listed model or a model URI; a model that cannot be hashed gives its reason (one line)."""
+    try:
+        return hash_model(item, get_spec(spec_name)) if isinstance(item, ModelRef) else hash_uri(item, spec_name)
+    except ModelhashError as exc:
+        return " ".join(str(exc).split())
+
+
+def scan_shards(
+    reader: IndexReader,
+    shards: list[ShardRows],
+    queries: np.ndarray,
+    k: int,
+    max_distance: int,
+    parts: bool,
+    device: str | None,
+    threads: int | None = None,
+) -> tuple[dict[str, Hits], int]:
+    """A Ray task's part of a sweep: read these shards' codes, search them for every query.
+
+    Returns the hits and the number of per-block codes searched.
+    """
+    codes, rows, part_codes, part_rows, names = [], [], [], [], []
+    for shard in shards:
+        c, r = reader.read_codes(shard)
+        codes.append(c)
+        rows.append(r)
+        if parts:
+            p = reader.read_parts(shard)
+            part_codes.append(p.codes)
+            part_rows.append(p.row)
+            names.append(p.name)
+    target = Target.of(
+        np.concatenate(codes) if codes else np.empty((0, hamming.WORDS), np.uint64),
+        np.concatenate(rows) if rows else np.empty(0, np.int64),
+        part_codes=np.concatenate(part_codes) if parts and part_codes else None,
+        part_rows=np.concatenate(part_rows) if parts and part_rows else None,
+        part_name=pa.chunked_array(names, pa.string()) if parts and names else None,
+    )
+    hits = search(target, queries, k, max_distance, parts=parts, device=device, threads=threads)
+    return hits, len(target.part_codes)
+
+
+# -- internals ---------------------------------------------------------------------------------------
+
+
+def _read_list(path: str) -> list[str]:
+    lines = Path(path).read_text().splitlines()
+    return [s for s in (line.split("#", 1)[0].strip() for line in lines) if s]
+
+
+def _add_indexed(out: Protected, codes: Codes) -> None:
+    by_row: dict[int, list[tuple[str, bytes]]] = {}
+    if codes.parts is not None:
+        names = codes.parts.name.to_pylist()
+        for row, name, words in zip(codes.parts.row.tolist(), names, codes.parts.codes, strict=True):
+            by_row.setdefault(row, []).append((name, words.tobytes()))
+    source, model_id, revision = codes.source.to_pylist(), codes.model_id.to_pylist(), codes.revision.to_pylist()
+    for i in range(len(codes)):
+        out.add(source[i], model_id[i], revision[i], codes.codes[i].tobytes(), by_row.get(i, []))
+
+
+def _hash_all(items: list[ModelRef | str], spec_name: str, use_ray: bool, progress: bool) -> list[HashResult | str]:
+    bar = functools.partial(tqdm, total=len(items), desc="hashing", unit="model", disable=not progress, file=sys.stderr)
+    if not use_ray:
+        return [hash_item(item, spec_name) for item in bar(items)]
+    import ray
+
+    from jobs.cluster import cluster_cpus
+
+    task = _hash_task()
+    limit = 2 * cluster_cpus()
+    results: dict[int, HashResult | str] = {}
+    in_flight: dict[Any, int] = {}
+    queue = iter(enumerate(items))
+    with bar() as pbar:
+        while True:
+            while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
+                in_flight[task.remote(nxt[1], spec_name)] = nxt[0]
+            if not in_flight:
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            i = in_flight.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                results[i] = f"task failed: {' '.join(str(exc).split())[:300]}"
+            pbar.update(1)
+    return [results[i] for i in range(len(items))]
+
+
+@functools.cache
+def _hash_task() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=SCAN_RETRIES)(hash_item)
+
+
+@functools.cache
+def _scan_task() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=SCAN_RETRIES)(scan_shards)
+
+
+def _check_not_empty(codes: Codes | Any, reader: IndexReader, index: str, spec: Spec) -> None:
+    if len(codes) == 0:
+        present = ", ".join(reader.specs()) or "none"
+        raise ModelIndexError(f"{index}: no codes of spec {spec.name} (specs in the index: {present})")
+
+
+def _scan_locally(
+    codes: Codes, words: np.ndarray, k: int, max_distance: int, parts: bool, device: str | None, progress: bool
+) -> Iterator[tuple[slice, dict[str, Hits]]]:
+    if parts and codes.parts is not None:
+        target = Target.of(
+            codes.codes, part_codes=codes.parts.codes, part_rows=codes.parts.row, part_name=codes.parts.name
+        )
+    else:
+        target = Target.of(codes.codes)
+    with tqdm(total=len(words), desc="sweeping", unit="code", disable=not progress, file=sys.stderr) as bar:
+        for q0 in range(0, len(words), QUERY_TILE):
+            tile = slice(q0, min(q0 + QUERY_TILE, len(words)))
+            yield tile, search(target, words[tile], k, max_distance, parts=parts, device=device)
+            bar.update(tile.stop - tile.start)
+
+
+def _scan_on_ray(
+    reader: IndexReader,
+    spec: Spec,
+    words: np.ndarray,
+    k: int,
+    max_distance: int,
+    parts: bool,
+    device: str | None,
+    progress: bool,
+    summary: SweepSummary,
+) -> tuple[Any, dict[str, Hits]]:
+    """Shards split among Ray tasks, each returning its top-k per query; merged here as they finish."""
+    import ray
+
+    from jobs.cluster import cluster_cpus
+
+    plan = reader.plan_codes(spec.name)
+    _check_not_empty(plan, reader, reader.index_uri, spec)
+    summary.index_codes = len(plan)
+    groups = _split(list(plan.shards), 2 * cluster_cpus())
+    task = _scan_task()
+    reader_ref, words_ref = ray.put(reader), ray.put(words)
+    pending = [task.remote(reader_ref, g, words_ref, k, max_distance, parts, device, 1) for g in groups]
+    kinds = [WHOLE, PARTS] if parts else [WHOLE]
+    merged = {kind: empty_hits(kind, len(words)) for kind in kinds}
+    with tqdm(total=len(pending), desc="sweeping", unit="task", disable=not progress, file=sys.stderr) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                hits, n_parts = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, ModelhashError):
+                    raise exc.cause from None  # a missing or corrupt shard: one clear line, as locally
+                raise
+            merged = {kind: merge([merged[kind], hits[kind]], k) for kind in kinds}
+            summary.index_parts += n_parts
+            bar.update(1)
+    return plan, merged
+
+
+def _split(shards: list[ShardRows], groups: int) -> list[list[ShardRows]]:
+    """Consecutive shards in at most `groups` groups of about equal rows (empty shards ride along)."""
+    total = sum(len(s) for s in shards)
+    target = max(1, -(-total // max(1, groups)))
+    out: list[list[ShardRows]] = [[]]
+    held = 0
+    for shard in shards:
+        if held >= target and out[-1]:
+            out.append([])
+            held = 0
+        out[-1].append(shard)
+        held += len(shard)
+    return [g for g in out if g]
+
+
+def _tiles_of(hits: dict[str, Hits], n: int) -> Iterator[tuple[slice, dict[str, Hits]]]:
+    for q0 in range(0, n, QUERY_TILE):
+        tile = slice(q0, min(q0 + QUERY_TILE, n))
+        yield tile, {kind: Hits(h.kind, h.distance[tile], h.key[tile], h.name[tile]) for kind, h in hits.items()}
+
+
+def _write_report(
+    out: str,
+    tiles: Iterable[tuple[slice, dict[str, Hits]]],
+    queries: Protected,
+    identities: Any,
+    spec: Spec,
+    summary: SweepSummary,
+) -> None:
+    """Stream the pairs into `out`, tile by tile, and count them into `summary`."""
+    verdicts = np.array([spec.thresholds.verdict(d) for d in range(hamming.BITS + 1)], dtype=object)
+    owner = np.asarray(queries.owner, dtype=np.int64)
+    q_part = np.asarray(queries.part, dtype=object)
+    q_source, q_model = np.asarray(queries.source, dtype=object), np.asarray(queries.model_id, dtype=object)
+    q_revision = np.asarray(queries.revision, dtype=object)
+    counts: dict[str, int] = {}
+    flagged: set[tuple[int, int]] = set()
+    top: list[tuple[int, str, dict[str, Any]]] = []
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(out, REPORT_SCHEMA, compression="zstd") as writer:
+        for tile, hits in tiles:
+            for kind, h in hits.items():
+                found = h.key != hamming.NO_MATCH
+                qi, slot = np.nonzero(found)
+                if not len(qi):
+                    continue
+                qi = qi + tile.start
+                rows = h.rows[found]
+                dist = h.distance[found].astype(np.int32)
+                take = pa.array(rows)
+                m_source = _take(identities.source, take)
+                m_model = _take(identities.model_id, take)
+                same = (q_source[owner[qi]] == m_source) & (q_model[owner[qi]] == m_model)
+                table = pa.table(
+                    {
+                        "query_source": q_source[owner[qi]],
+                        "query_model_id": q_model[owner[qi]],
+                        "query_revision": q_revision[owner[qi]],
+                        "part": q_part[qi],
+                        "match_source": m_source,
+                        "match_model_id": m_model,
+                        "match_revision": _take(identities.revision, take),
+                        "match_part": h.name[found] if kind == PARTS else np.full(len(qi), None, dtype=object),
+                        "distance": dist,
+                        "similarity": 1.0 - dist / spec.bits,
+                        "verdict": verdicts[dist],
+                        "rank": (slot + 1).astype(np.int32),
+                        "same_model": same,
+                    },
+                    schema=REPORT_SCHEMA,
+                )
+                writer.write_table(table)
+                summary.pairs += len(qi)
+                summary.same_model += int(same.sum())
+                other = ~same
+                for v, n in zip(*np.unique(verdicts[dist][other].astype(str), return_counts=True), strict=True):
+                    counts[str(v)] = counts.get(str(v), 0) + int(n)
+                hit = other & (dist <= spec.thresholds.related)
+                flagged.update(zip(owner[qi][hit].tolist(), rows[hit].tolist(), strict=True))
+                for j in np.flatnonzero(hit)[: 20]:
+                    top.append((int(dist[j]), str(table["query_model_id"][j]), table.slice(int(j), 1).to_pylist()[0]))
+                top = sorted(top, key=lambda t: (t[0], t[1]))[:20]
+    summary.by_verdict = counts
+    summary.flagged_models = len(flagged)
+    summary.top = [
+        {key: t[2][key] for key in ("query_model_id", "part", "match_model_id", "match_part", "distance", "verdict")}
+        for t in top
+    ]
+
+
+def _take(column: Any, rows: pa.Array) -> np.ndarray:
+    taken = column.take(rows)
+    if isinstance(taken, pa.ChunkedArray):
+        taken = taken.combine_chunks()
+    if pa.types.is_dictionary(taken.type):
+        taken = taken.dictionary_decode()
+    return taken.to_numpy(zero_copy_only=False)
+
+
+def _summary_base(out: str) -> str:
+    return out[: -len(".parquet")] if out.endswith(".parquet") else out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep's flags, shared by `modelhash sweep` and `python -m jobs.sweep`."""
+    parser.add_argument("protected", help="a folder of models, a file listing model URIs, or an index")
+    parser.add_argument("--index", required=True, help="the index to sweep")
+    parser.add_argument("--out", required=True, help="the report (Parquet); the summary goes beside it")
+    parser.add_argument("-k", type=int, default=10, help="matches per protected code (default 10)")
+    parser.add_argument(
+        "--max-distance", type=int, default=None, help="only pairs within this many bits (default: 'related')"
+    )
+    parser.add_argument("--spec", default=None, help="hashing spec (default: the default spec)")
+    parser.add_argument("--no-parts", action="store_true", help="whole-model codes only, no per-block codes")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees a GPU)")
+    parser.add_argument(
+        "--ray-address", default=None, help="run on this Ray cluster (default: $RAY_ADDRESS, else in this process)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> SweepSummary:
+    settings = Settings.from_env(ray_address=args.ray_address)
+    return sweep(
+        args.protected,
+        args.index,
+        args.out,
+        k=args.k,
+        max_distance=args.max_distance,
+        spec=args.spec,
+        parts=not args.no_parts,
+        ray_address=settings.ray_address,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the sweep and print its summary: `modelhash sweep` and this module's main."""
+    summary = run(args)
+    print(json.dumps(asdict(summary), indent=2) if args.json else summary.line())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return guarded(lambda: command(args), "jobs.sweep")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
