@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from jobs.entry import guarded
+from jobs.entry import job_main
 from pipeline.errors import ModelhashError
 from pipeline.hashing import get_spec
 from pipeline.hashing.model import hash_model
@@ -333,10 +333,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.crawl", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return guarded(lambda: command(args), "jobs.crawl")
+    return job_main("jobs.crawl", __doc__.splitlines()[0], add_arguments, command, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
@@ -33,3 +34,17 @@ def guarded(main: Callable[[], int], prog: str = "modelhash") -> int:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def job_main(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    command: Callable[[argparse.Namespace], int],
+    argv: list[str] | None = None,
+) -> int:
+    """`python -m jobs.<name>`: the job's flags (the same as its `modelhash` subcommand's), then its command."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return guarded(lambda: command(args), prog)

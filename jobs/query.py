@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.entry import guarded
+from jobs.entry import job_main
 from pipeline.errors import ModelIndexError
 from pipeline.hashing import get_spec
 from pipeline.hashing.model import HashResult, hash_model
@@ -128,10 +128,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return guarded(lambda: command(args), "jobs.query")
+    return job_main("jobs.query", __doc__.splitlines()[0], add_arguments, command, argv)
 
 
 if __name__ == "__main__":

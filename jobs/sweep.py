@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from jobs.entry import guarded
+from jobs.entry import job_main
 from jobs.query import hash_uri
 from pipeline.errors import ModelhashError, ModelIndexError, SourceError
 from pipeline.hashing import Spec, get_spec
@@ -569,10 +569,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return guarded(lambda: command(args), "jobs.sweep")
+    return job_main("jobs.sweep", __doc__.splitlines()[0], add_arguments, command, argv)
 
 
 if __name__ == "__main__":
