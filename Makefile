@@ -35,6 +35,7 @@ bench: setup
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.hamming
 	$(PY) -m bench.crawl
+	$(PY) -m bench.quality
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

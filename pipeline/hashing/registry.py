@@ -5,8 +5,9 @@ from __future__ import annotations
 from pipeline.errors import SpecMismatchError
 from pipeline.hashing.nts import NTSSpec
 from pipeline.hashing.spec import Spec
+from pipeline.hashing.wsig import WSigSpec
 
-SPECS: dict[str, Spec] = {"nts": NTSSpec()}
+SPECS: dict[str, Spec] = {"nts": NTSSpec(), "wsig": WSigSpec()}
 DEFAULT_SPEC = "nts"
 
 

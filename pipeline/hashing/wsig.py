@@ -1,0 +1,298 @@
+"""`wsig`: a weight signature that survives what copiers do: permuted units, rescaling, folded BatchNorm.
+
+Layers are linear maps (a conv kernel is one map per spatial offset). Read in the order data flows
+(`canonical.layer_order_key`), each layer is expressed in the basis of a *root* whose coordinates no copier
+moves: the input (pixels x kernel offsets), or a transformer's residual stream. Along a chain
+
+    P_root = rows(top(W_root) R)                      (R: a fixed random projection to m coordinates)
+    P_l    = rows(top(balance(W_l)) . P_prev)         (conv: per kernel offset, then a fixed projection)
+
+`balance` scales rows and columns alike until their norms agree (Sinkhorn), `top` keeps the `keep`
+fraction of entries largest in magnitude (what magnitude pruning keeps), `rows` scales each unit's row
+to unit norm and gives it a soft canonical sign (tanh of its projection on a fixed direction: odd, so a
+flipped unit gives the same row, and continuous, so float noise cannot flip a unit). A permutation of
+the hidden units between two layers permutes the rows of P_prev and the columns of W_l alike, so it
+cancels in the product; a positive rescaling c / 1/c across a ReLU, and a BatchNorm folded into its
+conv (a per-row scale, sign included), are undone by `balance` and `rows`, so no BatchNorm pairing is
+needed. Dead units (norm below 1e-3 of the median) are zeroed, not blown up to unit norm.
+
+Each layer's P_l still lists its own units in some order, so its summary is the correlation matrix of
+its m coordinates over the units (order- and sign-free), standardized, and weighted by `decay` per step
+of depth along the chain (float noise grows with every product). Layers with fewer than `min_units`
+units (class heads) are chained through but not summarized. In a fixed basis that each independently
+trained model draws afresh (its own stream, or the pixels its own filters pick), these summaries keep
+homologs apart.
+
+Code: SimHash (random hyperplanes fixed by the feature length) of the concatenated summaries. Per-block
+`parts` codes do the same over each repeated block (`h.3`, `layer1.0`, `_blocks.5`, `fc2`), leaving out a
+first layer on the input, which learns what the data holds much as its homologs' first layers do; a
+backbone under a new head is found through its blocks.
+
+A transformer layer that reads the residual stream (q, k, v, MLP up, pooler, heads) is a root in the
+stream's basis; GPT-2 `Conv1D` weights are transposed and `c_attn` split into q, k, v first. Token and
+position embeddings are not read. A layer whose inputs match no earlier layer's outputs starts a root
+of its own: unknown layouts degrade to per-layer summaries, they never crash.
+
+Byte budget: at most `max_values` weight values per model. Over it, whole layers are read from the front
+and the back of the network, half the budget each; a single layer larger than that contributes its
+leading rows. Models under the budget (every benchmark model) are read whole.
+
+Kernels are torch (float64); `device` runs them on a GPU. The code does not depend on the device beyond
+float rounding at hyperplane boundaries (not yet checked on a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.errors import HashingError
+from pipeline.formats.directory import TensorDirectory, TensorEntry
+from pipeline.hashing.canonical import (
+    is_embedding,
+    is_fused_qkv,
+    is_transposed,
+    layer_order_key,
+    looks_like_transformer,
+    part_of,
+    reads_stream,
+    weight_matrices,
+)
+from pipeline.hashing.spec import ModelCode, Thresholds
+
+_EPS = 1e-12
+COPY_BITS = 58
+RELATED_BITS = 62
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    name: str  # canonical name (a split of c_attn gets `.q`, `.k`, `.v`)
+    entry: TensorEntry
+    rows: tuple[int, int] | None  # leading rows read, when over budget
+    split: tuple[int, int] | None = None  # output rows [begin, end) of a fused tensor, after transposing
+    transposed: bool = False  # stored (in, out), as GPT-2's Conv1D
+
+
+@dataclass(frozen=True)
+class WSigSpec:
+    """Chained, normalized layer products summarized by unit-order-free correlations, SimHashed."""
+
+    bits: int = 256
+    m: int = 8  # width of the fixed random projection of each chain's basis
+    keep: float = 0.5  # only this top fraction of each balanced layer's entries (magnitude pruning's)
+    soft: float = 2.0  # a unit's canonical sign is soft: tanh(soft * its projection on a fixed direction)
+    decay: float = 0.6  # weight of a layer's summary per step of depth along its chain
+    min_units: int = 16  # narrower layers (heads of a few classes) are chained through, not summarized
+    max_values: int = 8_000_000  # weight values read per model (32 MB of float32), whatever its size
+    device: str = "cpu"  # where the torch kernels run; not part of the name (same code)
+    # Calibrated on the quality zoo (bench/quality.py): its calibration split (seed-0 and seed-1 lineages
+    # and the pretrained models) allows copy <= 59 bits at a false-positive rate <= 0.1%, homologs
+    # included; 58 keeps a bit of margin. related: a false-positive rate <= 1% over the whole zoo.
+    thresholds: Thresholds = field(default_factory=lambda: Thresholds(copy=COPY_BITS, related=RELATED_BITS))
+
+    @property
+    def name(self) -> str:
+        return (
+            f"wsig-v1:bits={self.bits},m={self.m},keep={self.keep:g},soft={self.soft:g},decay={self.decay:g},"
+            f"min_units={self.min_units},max_values={self.max_values}"
+        )
+
+    def compute(self, directory: TensorDirectory) -> ModelCode:
+        layers = self._plan(directory)
+        if not layers:
+            raise HashingError("no weight matrices (floating tensors of 2+ dimensions) to hash")
+        features = self._features(directory, layers)
+        if not features:
+            raise HashingError("no layer with two or more units to hash")
+        code = self._simhash(np.concatenate([f for _, f, _ in features]), salt="model")
+        blocks: dict[str, list[np.ndarray]] = {}
+        for name, f, input_root in features:
+            # A first layer on the input (pixels) learns what the data holds, much as its homologs do:
+            # alone, its block would match theirs. Transformer layers on the residual stream are kept.
+            if not input_root:
+                blocks.setdefault(part_of(name), []).append(f)
+        parts = tuple(
+            (block, self._simhash(np.concatenate(fs), salt="part")) for block, fs in blocks.items()
+        ) if len(blocks) > 1 or len(features) > len(blocks) else ()
+        return ModelCode(spec=self.name, code=code, parts=parts)
+
+    # ------------------------------------------------------------------------------------ planning
+
+    def _plan(self, directory: TensorDirectory) -> list[_Layer]:
+        """The layers to read, in data-flow order, within the value budget."""
+        chosen = [(n, e) for n, e in weight_matrices(directory) if not is_embedding(n) and min(e.shape) > 0]
+        total = sum(e.numel for _, e in chosen)
+        selected: dict[str, tuple[int, int] | None] = {n: None for n, _ in chosen}
+        if total > self.max_values:
+            selected = {}
+            half = self.max_values // 2
+            ordered = sorted(chosen, key=lambda item: layer_order_key(item[0]))
+            for sequence in (ordered, ordered[::-1]):
+                spent = 0
+                for name, entry in sequence:
+                    if spent + entry.numel > half:
+                        if spent == 0:  # one huge layer: its leading rows
+                            row = entry.numel // entry.shape[0]
+                            selected.setdefault(name, (0, max(1, half // row)))
+                        break
+                    spent += entry.numel
+                    selected.setdefault(name, None)
+        layers: list[_Layer] = []
+        for name, entry in chosen:
+            if name not in selected:
+                continue
+            if is_fused_qkv(name) and len(entry.shape) == 2 and entry.shape[1] % 3 == 0:
+                width = entry.shape[1] // 3
+                stem = name.removesuffix(".weight")
+                for i, role in enumerate("qkv"):
+                    layers.append(_Layer(f"{stem}.{role}.weight", entry, selected[name],
+                                         (i * width, (i + 1) * width), transposed=True))
+            else:
+                layers.append(_Layer(name, entry, selected[name], transposed=is_transposed(name)))
+        return sorted(layers, key=lambda layer: layer_order_key(layer.name))
+
+    # ------------------------------------------------------------------------------------ features
+
+    def _read(self, directory: TensorDirectory, layer: _Layer, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = cache.get(layer.entry.name)
+        if w is None:  # a fused tensor is read once for its splits
+            values = directory.read(layer.entry.name, rows=layer.rows)
+            w = cache[layer.entry.name] = torch.from_numpy(values.astype(np.float64)).to(self.device)
+        if not torch.isfinite(w).all():
+            raise HashingError(f"tensor {layer.entry.name} holds NaN or Inf values")
+        if layer.transposed and w.ndim == 2:
+            w = w.T
+        if layer.split is not None:
+            w = w[layer.split[0]:layer.split[1]]
+        return w.reshape(w.shape[0], w.shape[1], -1)  # (out, in, kernel offsets)
+
+    def _features(self, directory: TensorDirectory, layers: list[_Layer]) -> list[tuple[str, np.ndarray, bool]]:
+        transformer = looks_like_transformer(layer.name for layer in layers)
+        chains: list[tuple[int, torch.Tensor, int]] = []  # (out units, P, depth) of every layer so far
+        features: list[tuple[str, np.ndarray, bool]] = []
+        cache: dict[str, torch.Tensor] = {}
+        for layer in layers:
+            if layer.split is None:
+                cache.clear()
+            w = self._read(directory, layer, cache)
+            out, fan_in, k = w.shape
+            if w.numel() == 0:
+                continue
+            prev, depth = None, 0
+            if not (transformer and reads_stream(layer.name)):
+                prev, depth = self._predecessor(chains, out, fan_in)
+            if prev is None:
+                root = w.reshape(out, fan_in * k)
+                root = _top(root / (root.norm(dim=1, keepdim=True) + _EPS), self.keep)
+                p = self._rows(root @ self._projection(fan_in * k))
+            else:
+                p = self._chain(w, prev)
+            chains.append((out, p, depth))
+            if out >= max(2, self.min_units):
+                # Deeper along a chain, float noise has been through more products: it weighs less.
+                input_root = prev is None and not transformer
+                features.append((layer.name, self._summary(p) * self.decay**depth, input_root))
+        return features
+
+    @staticmethod
+    def _predecessor(
+        chains: list[tuple[int, torch.Tensor, int]], out: int, fan_in: int
+    ) -> tuple[torch.Tensor | None, int]:
+        """The latest layer whose output units this layer reads (same count, or depthwise one each, or a
+        flattened feature map: a whole multiple of them), and the depth of this layer along its chain."""
+        for units, p, depth in reversed(chains):
+            if units == fan_in or (fan_in == 1 and units == out):
+                return p, depth + 1
+        for units, p, depth in reversed(chains):
+            if units > 1 and fan_in % units == 0:
+                return p, depth + 1
+        return None, 0
+
+    def _chain(self, w: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        out, fan_in, k = w.shape
+        units = prev.shape[0]
+        if fan_in == 1 and units == out:  # depthwise: unit c reads only input channel c
+            w = _top(w / (w.norm(dim=(1, 2), keepdim=True) + _EPS), self.keep)
+            y = w[:, 0, :, None] * prev[:, None, :]  # (out, k, m)
+        else:
+            spatial = fan_in // units
+            # A flattened (channels, positions) input: each position is one more kernel offset.
+            w = _top(_balance(w.reshape(out, units, spatial * k)), self.keep)
+            y = torch.einsum("oik,im->okm", w, prev)
+        y = y.reshape(out, -1)
+        if y.shape[1] != self.m:
+            y = y @ self._projection(y.shape[1])
+        return self._rows(y)
+
+    def _rows(self, y: torch.Tensor) -> torch.Tensor:
+        """Each unit's row to unit norm, its sign fixed by a fixed direction (a BatchNorm gamma < 0 flips it)."""
+        y = _drop_dead(y, dim=1)
+        y = y / (y.norm(dim=1, keepdim=True) + _EPS)
+        # A soft sign: continuous where the direction is nearly orthogonal to the row, so float noise
+        # cannot flip a unit; still odd in y, so a flipped row gives the same result.
+        return y * torch.tanh(self.soft * (y @ self._direction()))[:, None]
+
+    def _summary(self, p: torch.Tensor) -> np.ndarray:
+        """The correlations of the m projected coordinates over the layer's units (order-free), standardized."""
+        centred = p - p.mean(dim=0, keepdim=True)
+        cov = centred.T @ centred
+        d = torch.sqrt(torch.diagonal(cov).clamp_min(_EPS))
+        corr = cov / (d[:, None] * d[None, :])
+        iu = torch.triu_indices(self.m, self.m, 1, device=corr.device)
+        f = corr[iu[0], iu[1]].cpu().numpy()
+        f = f - f.mean()
+        return f / (f.std() + _EPS)
+
+    # ---------------------------------------------------------------------------- fixed randomness
+
+    def _projection(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(_gaussian(n, self.m, "projection").copy()).to(self.device) / np.sqrt(n)
+
+    def _direction(self) -> torch.Tensor:
+        u = _gaussian(self.m, 1, "direction")[:, 0]
+        return torch.from_numpy(u / np.linalg.norm(u)).to(self.device)
+
+    def _simhash(self, features: np.ndarray, salt: str) -> bytes:
+        planes = _gaussian(self.bits, len(features), salt)
+        return np.packbits(planes @ features > 0).tobytes()
+
+
+def _drop_dead(w: torch.Tensor, dim: int | tuple[int, ...], rel: float = 1e-3) -> torch.Tensor:
+    """Zero the units (norm over `dim`) below `rel` times the median unit: a dead filter's float noise,
+    scaled to unit norm, would otherwise weigh as much as a live one (and change with every cast)."""
+    norms = w.norm(dim=dim, keepdim=True)
+    return torch.where(norms < rel * norms.flatten().median(), torch.zeros_like(w), w)
+
+
+def _top(w: torch.Tensor, keep: float) -> torch.Tensor:
+    """Only the `keep` fraction of entries largest in magnitude (magnitude pruning removes the others)."""
+    if keep >= 1.0 or w.numel() < 2:
+        return w
+    flat = w.abs().flatten()
+    cut = torch.kthvalue(flat, max(1, int(round((1.0 - keep) * flat.numel())))).values
+    return torch.where(w.abs() > cut, w, torch.zeros_like(w))
+
+
+def _balance(w: torch.Tensor, iterations: int = 12) -> torch.Tensor:
+    """Scale rows (output units) and columns (input units) alike until their norms agree (Sinkhorn).
+
+    The balanced form is the same for W and D1 W D2 (positive diagonal D1, D2): a BatchNorm folded into
+    this layer scales its rows, a rescaling across the ReLU before it scales its columns.
+    """
+    w = _drop_dead(_drop_dead(w, dim=(1, 2)), dim=(0, 2))
+    for _ in range(iterations):
+        w = w / (w.norm(dim=(1, 2), keepdim=True) + _EPS)
+        w = w / (w.norm(dim=(0, 2), keepdim=True) + _EPS)
+    return w
+
+
+@functools.lru_cache(maxsize=256)
+def _gaussian(rows: int, cols: int, salt: str) -> np.ndarray:
+    """A fixed Gaussian matrix, the same on every machine: seeded by its shape and purpose."""
+    seed = int.from_bytes(hashlib.sha256(f"wsig-v1/{salt}/{rows}x{cols}".encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal((rows, cols))

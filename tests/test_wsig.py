@@ -1,0 +1,119 @@
+"""The `wsig` spec: function-preserving copies get the same code, homologs do not, odd layouts never crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import save_model
+
+from bench.quality_zoo import DigitsCNN, DigitsResNet, TinyGPT, bnfold, permute, rescale, verify
+from bench.zoo import DigitsMLP
+from pipeline.errors import HashingError
+from pipeline.hashing import get_spec
+from pipeline.hashing.model import hash_model
+from pipeline.hashing.wsig import WSigSpec
+from pipeline.search.hamming import distance
+from pipeline.sources import resolve_model
+
+SPEC = get_spec("wsig")
+
+
+def state(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = {"mlp": DigitsMLP, "cnn": DigitsCNN, "resnet": DigitsResNet, "gpt": TinyGPT}[arch]()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for k in sd:  # BatchNorm with real statistics, some gammas negative: folding is not trivial
+        if k.endswith("running_var"):
+            sd[k] = torch.rand(sd[k].shape) + 0.5
+        elif k.endswith("running_mean"):
+            sd[k] = torch.randn(sd[k].shape) * 0.3
+        elif k.endswith(".weight") and sd[k].ndim == 1 and not k.startswith("transformer"):
+            sd[k] = torch.randn(sd[k].shape)
+    return sd
+
+
+def code(tmp_path, name: str, sd: dict[str, torch.Tensor], fmt: str = "safetensors", spec=SPEC):
+    return hash_model(resolve_model(str(save_model(tmp_path / name, sd, fmt=fmt))), spec)
+
+
+@pytest.mark.parametrize(("arch", "kind"), [
+    ("mlp", "permute"), ("mlp", "rescale"), ("cnn", "permute"), ("cnn", "rescale"), ("cnn", "bnfold"),
+    ("resnet", "permute"), ("resnet", "rescale"), ("resnet", "bnfold"), ("gpt", "permute"), ("gpt", "rescale"),
+])
+def test_function_preserving_copies_are_near(tmp_path, arch, kind):
+    sd = state(arch, 0)
+    copied = bnfold(arch, sd) if kind == "bnfold" else {"permute": permute, "rescale": rescale}[kind](arch, sd, 7)
+    verify(arch, kind, sd, copied)  # the copy computes the same function
+    a, b = code(tmp_path, "a", sd), code(tmp_path, "b", copied)
+    assert distance(a.code.code, b.code.code) <= 8  # float rounding at a few hyperplanes at most
+    assert distance(a.code.code, b.code.code) <= SPEC.thresholds.copy
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "gpt"])
+def test_an_independent_model_of_the_same_architecture_is_far(tmp_path, arch):
+    a, b = code(tmp_path, "a", state(arch, 0)), code(tmp_path, "b", state(arch, 1))
+    assert distance(a.code.code, b.code.code) > SPEC.thresholds.copy + 8
+
+
+def test_bin_and_safetensors_and_renamed_keys_give_the_same_code(tmp_path):
+    sd = state("cnn", 3)
+    a = code(tmp_path, "a", sd)
+    assert code(tmp_path, "b", sd, fmt="bin").code == a.code
+    assert code(tmp_path, "c", {f"module.{k}": v for k, v in sd.items()}).code == a.code
+    assert len(a.code.code) == 32 and all(len(c) == 32 for _, c in a.code.parts)
+
+
+def test_nan_is_refused(tmp_path):
+    sd = state("mlp", 0)
+    sd["fc2.weight"][1, 1] = float("nan")
+    with pytest.raises(HashingError, match="NaN"):
+        code(tmp_path, "nan", sd)
+
+
+def test_unknown_layouts_degrade_without_crashing(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    odd = {
+        "a.weight": torch.randn(7, 5, 3, generator=gen),  # 3-D
+        "b.kernel": torch.randn(2, 3, 2, 2, 2, generator=gen),  # 5-D
+        "c.weight": torch.randn(1, 40, generator=gen),  # one unit
+        "d.weight": torch.randn(33, 13, generator=gen),  # reads nothing earlier
+        "e.weight": torch.randn(9, 66, generator=gen),  # reads two of d's units per input... or not
+        "f.bias": torch.randn(9, generator=gen),
+    }
+    result = code(tmp_path, "odd", odd)
+    assert len(result.code.code) == 32
+    with pytest.raises(HashingError):
+        code(tmp_path, "bias", {"b": torch.ones(50)})
+
+
+def test_byte_budget_bounds_what_is_read(tmp_path):
+    sd = state("gpt", 0)
+    small = WSigSpec(max_values=60_000)
+    result = code(tmp_path, "g", sd, spec=small)
+    assert result.bytes_read < 60_000 * 4 + 8192
+    assert small.name != SPEC.name and SPEC.name.startswith("wsig-v1:")
+
+
+def test_a_new_head_is_found_through_the_blocks(tmp_path):
+    sd = state("resnet", 0)
+    new = dict(sd, **{"fc.weight": torch.randn(2, 32), "fc.bias": torch.zeros(2)})
+    a, b = code(tmp_path, "a", sd), code(tmp_path, "b", new)
+    parts_b = dict(b.code.parts)
+    assert any(distance(c, parts_b[n]) == 0 for n, c in a.code.parts if n != "fc")
+
+
+def test_device_parameter_is_not_part_of_the_name():
+    assert WSigSpec(device="cpu").name == WSigSpec().name
+
+
+def test_compare_shows_which_blocks_match(tmp_path):
+    from jobs.query import hash_uri
+    from pipeline.cli import compare
+
+    sd = state("resnet", 0)
+    new = dict(sd, **{"fc.weight": torch.randn(2, 32), "fc.bias": torch.zeros(2)})
+    a = save_model(tmp_path / "a", sd)
+    b = save_model(tmp_path / "b", new)
+    report = compare(hash_uri(str(a), "wsig"), hash_uri(str(b), "wsig"))
+    assert report["spec"] == SPEC.name
+    assert {blk["block"] for blk in report["blocks"] if blk["verdict"] == "copy"} >= {"layer1.0", "layer2.1"}
