@@ -15,7 +15,7 @@ import pytest
 import torch
 from checkpoints import mlp_state, save_model
 
-from jobs.sweep import sweep
+from jobs.sweep import sweep as run_sweep
 from pipeline.errors import ModelIndexError, SourceError, SpecMismatchError
 from pipeline.hashing import get_spec
 from pipeline.hashing.model import hash_model
@@ -25,6 +25,15 @@ from pipeline.index.writer import ShardWriter
 from pipeline.search import hamming
 from pipeline.search.sweep import PARTS, WHOLE, Target, merge, search
 from pipeline.sources import list_models
+
+# The sweep's machinery is spec-agnostic; these tests pin `nts`, whose block codes are named by top-level
+# module (`backbone`, `head`), so that the expected pairs are exact.
+SPEC = "nts"
+
+
+def sweep(*args, **kwargs):
+    kwargs.setdefault("spec", SPEC)
+    return run_sweep(*args, **kwargs)
 
 
 def _backbone_model(backbone_seed: int, head_seed: int) -> dict[str, torch.Tensor]:
@@ -49,7 +58,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_model(src / "unrelated", _backbone_model(3, 3))
     save_model(src / "other", mlp_state(1))
     save_model(src / "orig", _backbone_model(0, 0))  # the protected model itself, indexed too
-    spec = get_spec()
+    spec = get_spec(SPEC)
     index = root / "index"
     with ShardWriter(str(index), rows_per_shard=2) as writer:  # several shards, for the Ray split
         for ref in list_models(str(src)):
@@ -107,7 +116,7 @@ def test_sweep_finds_copies_and_a_reused_backbone(world, tmp_path) -> None:
     assert reused and reused[0]["distance"] == 0 and reused[0]["verdict"] == "copy"
     assert all(r["same_model"] == (r["match_model_id"] == "orig") for r in rows)
     assert all(r["similarity"] == pytest.approx(1 - r["distance"] / 256) for r in rows)
-    spec = get_spec()
+    spec = get_spec(SPEC)
     assert all(r["verdict"] == spec.thresholds.verdict(r["distance"]) for r in rows)
     assert summary.protected_models == 2 and summary.failed == []
     assert summary.flagged_models == 3  # orig ~ copy, fp16, newhead; never orig ~ orig
@@ -187,7 +196,7 @@ def test_a_missing_shard_fails_a_ray_sweep_with_the_same_error(world, ray_local,
 
 
 def test_load_codes_with_parts(world) -> None:
-    codes = IndexReader(str(world["index"])).load_codes(get_spec().name, parts=True)
+    codes = IndexReader(str(world["index"])).load_codes(get_spec(SPEC).name, parts=True)
     assert len(codes) == 6 and codes.parts is not None
     assert {"backbone", "head"} <= set(codes.parts.name.to_pylist())
     ids, names = codes.model_id.to_pylist(), codes.parts.name.to_pylist()
@@ -201,6 +210,7 @@ def test_cli_sweep(world, tmp_path) -> None:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     out = tmp_path / "cli.parquet"
     cmd = [sys.executable, "-m", "pipeline.cli", "sweep", str(world["protected"]), "--index", str(world["index"])]
+    cmd += ["--spec", SPEC]
     proc = subprocess.run([*cmd, "--out", str(out), "--json", "--no-progress"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["flagged_models"] == 3 and out.exists()

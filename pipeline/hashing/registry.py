@@ -8,7 +8,7 @@ from pipeline.hashing.spec import Spec
 from pipeline.hashing.wsig import WSigSpec
 
 SPECS: dict[str, Spec] = {"nts": NTSSpec(), "wsig": WSigSpec()}
-DEFAULT_SPEC = "nts"
+DEFAULT_SPEC = "wsig"
 
 
 def get_spec(name: str | None = None) -> Spec:
