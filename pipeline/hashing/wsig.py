@@ -35,7 +35,7 @@ of its own: unknown layouts degrade to per-layer summaries, they never crash.
 
 Byte budget: at most `max_values` weight values per model. Over it, whole layers are read from the front
 and the back of the network, half the budget each; a single layer larger than that contributes its
-leading rows. Models under the budget (every benchmark model) are read whole.
+leading rows. Models under the budget are read whole (every benchmark model but MiniLM).
 
 Kernels are torch (float64); `device` runs them on a GPU. The code does not depend on the device beyond
 float rounding at hyperplane boundaries (not yet checked on a GPU).
@@ -88,7 +88,7 @@ class WSigSpec:
     soft: float = 2.0  # a unit's canonical sign is soft: tanh(soft * its projection on a fixed direction)
     decay: float = 0.6  # weight of a layer's summary per step of depth along its chain
     min_units: int = 16  # narrower layers (heads of a few classes) are chained through, not summarized
-    max_values: int = 8_000_000  # weight values read per model (32 MB of float32), whatever its size
+    max_values: int = 4_000_000  # weight values read per model (16 MB of float32), whatever its size
     device: str = "cpu"  # where the torch kernels run; not part of the name (same code)
     # Calibrated on the quality zoo (bench/quality.py): its calibration split (seed-0 and seed-1 lineages
     # and the pretrained models) allows copy <= 59 bits at a false-positive rate <= 0.1%, homologs
