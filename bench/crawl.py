@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bench.results import write_section
+from pipeline.hashing import get_spec
 
 CACHE = Path(__file__).parent / ".cache"
 ORGS = 10  # repositories are spread over org00..org09, so `--author org03` is a tenth of the hub
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     speedup = first["first crawl, 2 worker(s)"]["models/s"] / first["first crawl, 1 worker(s)"]["models/s"]
     text = "\n\n".join([
         f"Local hub server (its own process) with {args.repos:,} small repositories plus one large checkpoint, "
-        f"a local Ray on this 2-core machine, spec `nts`. One run of `python -m bench.crawl`.",
+        f"a local Ray on this 2-core machine, the default spec `{get_spec().name}`. "
+        "One run of `python -m bench.crawl`.",
         _table(throughput),
         f"2 workers against 1: {speedup:.2f}x models/s. The second crawl of the unchanged hub took "
         f"{ratio:.3f} of the first's time and read {first['second crawl, unchanged hub']['weight bytes']} "
