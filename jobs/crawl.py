@@ -281,7 +281,7 @@ def _start_scheduler(
 
     connect(ray_address)
     if num_gpus is None:  # ask for a GPU share only where the spec has GPU kernels and the cluster GPUs
-        num_gpus = 0.25 if getattr(get_spec(spec_name), "uses_gpu", False) and cluster_has_gpus() else 0.0
+        num_gpus = 0.25 if get_spec(spec_name).uses_gpu and cluster_has_gpus() else 0.0
     options = TaskOptions(max_in_flight or 2 * cluster_cpus(), timeout_s, memory_bytes, num_gpus)
     return _Scheduler(spec_name, options, state)
 

@@ -24,6 +24,7 @@ so an fp16 copy reads the same rows as its fp32 original. Models under the budge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -39,6 +40,7 @@ MIN_SEGMENT = 20  # the kurtosis test needs at least 20 samples per segment
 class NTSSpec:
     """The paper's hash; `bits` segments of the top-`keep` weights by magnitude."""
 
+    uses_gpu: ClassVar[bool] = False  # numpy only
     bits: int = 256
     keep: float = 0.5
     max_params: int = 4_000_000  # 16 MB of float32 per model, whatever the model's size

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from pipeline.formats.directory import TensorDirectory
 
@@ -42,6 +42,7 @@ class Spec(Protocol):
     name: str  # e.g. "nts-v1:bits=256,keep=0.5": version and parameters, stored with every row
     bits: int
     thresholds: Thresholds
+    uses_gpu: ClassVar[bool]  # whether crawl tasks should ask a GPU-equipped cluster for a GPU share
 
     def compute(self, directory: TensorDirectory) -> ModelCode:
         """Codes for the model behind `directory`; raises HashingError when it cannot be hashed."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -82,6 +83,8 @@ class _Layer:
 class WSigSpec:
     """Chained, normalized layer products summarized by unit-order-free correlations, SimHashed."""
 
+    # Its torch kernels run on CUDA, but `device` stays cpu until a GPU shows the same codes: ask for none.
+    uses_gpu: ClassVar[bool] = False
     bits: int = 256
     m: int = 8  # width of the fixed random projection of each chain's basis
     keep: float = 0.5  # only this top fraction of each balanced layer's entries (magnitude pruning's)
