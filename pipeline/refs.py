@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -15,6 +17,15 @@ CHECKPOINT_SUFFIXES: tuple[str, ...] = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + (
 NOT_WEIGHTS = re.compile(
     r"training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|trainer_state\.pt|rng_state(_\d+)?\.pth"
 )
+
+
+def files_revision(files: Iterable[tuple[str, int, str]]) -> str:
+    """A revision for sources without commits (local, S3): a digest of the files' (name, size, version
+    stamp), the stamp being an mtime or an ETag, so that any change to the files makes a new revision."""
+    digest = hashlib.sha1()
+    for name, size, stamp in sorted(files):
+        digest.update(f"{name}\0{size}\0{stamp}\n".encode())
+    return digest.hexdigest()
 
 
 def is_checkpoint_name(name: str) -> bool:

@@ -7,14 +7,13 @@ folder is skipped without reading a byte of weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.errors import NoCheckpointError, SourceError
-from pipeline.refs import CHECKPOINT_SUFFIXES, FileRef, ModelRef, is_checkpoint_name
+from pipeline.refs import CHECKPOINT_SUFFIXES, FileRef, ModelRef, files_revision, is_checkpoint_name
 
 SOURCE = "local"
 CONFIG_MAX_BYTES = 1 << 20
@@ -84,10 +83,7 @@ def _file_ref(path: Path) -> FileRef:
 
 
 def _revision(files: tuple[FileRef, ...]) -> str:
-    digest = hashlib.sha1()
-    for f in sorted(files, key=lambda f: f.name):
-        digest.update(f"{f.name}\0{f.size}\0{os.stat(f.uri).st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    return files_revision((f.name, f.size, str(os.stat(f.uri).st_mtime_ns)) for f in files)
 
 
 def _arch(config: Path) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import posixpath
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +23,7 @@ import botocore.exceptions as bexc
 
 from pipeline.blobs.s3 import S3Reader, client, parse_uri, translate
 from pipeline.errors import BlobError, NoCheckpointError, SourceError
-from pipeline.refs import CHECKPOINT_SUFFIXES, FileRef, ModelRef, is_checkpoint_name
+from pipeline.refs import CHECKPOINT_SUFFIXES, FileRef, ModelRef, files_revision, is_checkpoint_name
 
 SOURCE = "s3"
 CONFIG_MAX_BYTES = 1 << 20
@@ -236,10 +235,7 @@ def _file_ref(bucket: str, obj: _Object, *, with_sha256: bool = True) -> FileRef
 
 
 def _revision(objects: list[_Object]) -> str:
-    digest = hashlib.sha1()
-    for o in sorted(objects, key=lambda o: o.name):
-        digest.update(f"{o.name}\0{o.size}\0{o.etag.strip(chr(34))}\n".encode())
-    return digest.hexdigest()
+    return files_revision((o.name, o.size, o.etag.strip('"')) for o in objects)
 
 
 def _sha256(bucket: str, obj: _Object) -> str | None:
