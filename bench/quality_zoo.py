@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench.zoo import DigitsMLP, DigitsSplit, _one_thread, load_digits_split
+from bench.zoo import DigitsSplit, _one_thread, load_digits_split
+from pipeline.verify.archs import DigitsCNN, DigitsMLP, DigitsResNet, TinyGPT
 
 StateDict = dict[str, torch.Tensor]
 
@@ -67,120 +68,6 @@ NOISE = 0.05  # Gaussian noise, as a fraction of each weight tensor's standard d
 
 
 # -------------------------------------------------------------------------------------------- models
-
-
-class DigitsCNN(nn.Module):
-    """conv 1->32, BN, ReLU, conv 32->96, BN, ReLU, 2x2 max-pool, linear -> 10; `folded`: BN in the convs."""
-
-    def __init__(self, folded: bool = False) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, bias=folded)
-        self.bn1 = nn.Identity() if folded else nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 96, 3, padding=1, bias=folded)
-        self.bn2 = nn.Identity() if folded else nn.BatchNorm2d(96)
-        self.fc = nn.Linear(96 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, 1, 8, 8)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(F.max_pool2d(x, 2).flatten(1))
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, folded: bool) -> None:
-        super().__init__()
-        bn = (lambda c: nn.Identity()) if folded else nn.BatchNorm2d
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=folded)
-        self.bn1 = bn(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=folded)
-        self.bn2 = bn(cout)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=folded), bn(cout)) if stride != 1 or cin != cout
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
-
-
-class DigitsResNet(nn.Module):
-    """A small ResNet (torchvision names): stem 16, two blocks of 16, two of 32 (stride 2), fc -> 10."""
-
-    def __init__(self, folded: bool = False) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=folded)
-        self.bn1 = nn.Identity() if folded else nn.BatchNorm2d(16)
-        self.layer1 = nn.Sequential(_Block(16, 16, 1, folded), _Block(16, 16, 1, folded))
-        self.layer2 = nn.Sequential(_Block(16, 32, 2, folded), _Block(32, 32, 1, folded))
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x.reshape(-1, 1, 8, 8))))
-        x = self.layer2(self.layer1(x))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-class Conv1D(nn.Module):
-    """GPT-2's linear layer: weight (in, out), y = x @ W + b."""
-
-    def __init__(self, nin: int, nout: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(nin, nout) * 0.02)
-        self.bias = nn.Parameter(torch.zeros(nout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
-
-
-class _GPTBlock(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1 = nn.LayerNorm(d)
-        self.attn = nn.Module()
-        self.attn.c_attn = Conv1D(d, 3 * d)
-        self.attn.c_proj = Conv1D(d, d)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Module()
-        self.mlp.c_fc = Conv1D(d, 4 * d)
-        self.mlp.c_proj = Conv1D(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.attn.c_attn(self.ln_1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn.c_proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x))))
-
-
-class TinyGPT(nn.Module):
-    """GPT-2 layout (`transformer.wte`, `h.N.attn.c_attn` ...), byte vocabulary, head tied to `wte`.
-
-    `head`: size of a new classification head (`score`, as HF's GPT2ForSequenceClassification) replacing
-    the language-model head; 0 keeps the tied head.
-    """
-
-    def __init__(self, d: int = 64, layers: int = 2, heads: int = 4, ctx: int = 64, head: int = 0) -> None:
-        super().__init__()
-        self.transformer = nn.Module()
-        self.transformer.wte = nn.Embedding(256, d)
-        self.transformer.wpe = nn.Embedding(ctx, d)
-        self.transformer.h = nn.ModuleList([_GPTBlock(d, heads) for _ in range(layers)])
-        self.transformer.ln_f = nn.LayerNorm(d)
-        nn.init.normal_(self.transformer.wte.weight, std=0.02)
-        nn.init.normal_(self.transformer.wpe.weight, std=0.01)
-        self.score = nn.Linear(d, head, bias=False) if head else None
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1]))
-        for block in tr.h:
-            x = block(x)
-        x = tr.ln_f(x)
-        return self.score(x) if self.score is not None else x @ tr.wte.weight.T
 
 
 def _digits_model(arch: str, folded: bool = False, classes: int = 10) -> nn.Module:

@@ -30,6 +30,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from pipeline.verify.archs import DigitsCNN, DigitsMLP
+
 __all__ = [
     "ARCHS",
     "DigitsCNN",
@@ -94,41 +96,6 @@ def load_digits_split(test_size: float = 0.25, split_seed: int = 0) -> DigitsSpl
 
 
 # -------------------------------------------------------------------------------------------- models
-
-
-class DigitsMLP(nn.Module):
-    """64 -> 256 -> 128 -> 10 with ReLU: ~51k weights, enough for a 256-segment hash."""
-
-    def __init__(self, hidden: tuple[int, int] = (256, 128)) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, hidden[0])
-        self.fc2 = nn.Linear(hidden[0], hidden[1])
-        self.fc3 = nn.Linear(hidden[1], 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
-
-
-class DigitsCNN(nn.Module):
-    """conv 1->32, BN, ReLU, conv 32->96, BN, ReLU, 2x2 max-pool, linear -> 10: ~44k weights.
-
-    Convolutions carry no bias, as usual before BatchNorm. Takes the same flat (N, 64) rows as the MLP,
-    so one input set probes both.
-    """
-
-    def __init__(self, channels: tuple[int, int] = (32, 96)) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, channels[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels[0])
-        self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels[1])
-        self.fc = nn.Linear(channels[1] * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, 1, 8, 8)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(F.max_pool2d(x, 2).flatten(1))
 
 
 ARCHS: dict[str, type[nn.Module]] = {"mlp": DigitsMLP, "cnn": DigitsCNN}

@@ -6,14 +6,14 @@ import pytest
 import torch
 from checkpoints import save_model
 
-from bench.quality_zoo import DigitsCNN, DigitsResNet, TinyGPT, bnfold, permute, rescale, verify
-from bench.zoo import DigitsMLP
+from bench.quality_zoo import bnfold, permute, rescale, verify
 from pipeline.errors import HashingError
 from pipeline.hashing import get_spec
 from pipeline.hashing.model import hash_model
 from pipeline.hashing.wsig import WSigSpec
 from pipeline.search.hamming import distance
 from pipeline.sources import resolve_model
+from pipeline.verify.archs import DigitsCNN, DigitsMLP, DigitsResNet, TinyGPT
 
 SPEC = get_spec("wsig")
 
