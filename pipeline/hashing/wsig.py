@@ -164,10 +164,11 @@ class WSigSpec:
     def _read(self, directory: TensorDirectory, layer: _Layer, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         w = cache.get(layer.entry.name)
         if w is None:  # a fused tensor is read once for its splits
-            values = directory.read(layer.entry.name, rows=layer.rows)
-            w = cache[layer.entry.name] = torch.from_numpy(values.astype(np.float64)).to(self.device)
-        if not torch.isfinite(w).all():
-            raise HashingError(f"tensor {layer.entry.name} holds NaN or Inf values")
+            values = directory.read(layer.entry.name, rows=layer.rows).astype(np.float64)
+            # One float64 sum is non-finite iff some value is (finite float32s cannot overflow it).
+            if not np.isfinite(values.sum()):
+                raise HashingError(f"tensor {layer.entry.name} holds NaN or Inf values")
+            w = cache[layer.entry.name] = torch.from_numpy(values).to(self.device)
         if layer.transposed and w.ndim == 2:
             w = w.T
         if layer.split is not None:
@@ -269,16 +270,25 @@ def _drop_dead(w: torch.Tensor, dim: int | tuple[int, ...], rel: float = 1e-3) -
     """Zero the units (norm over `dim`) below `rel` times the median unit: a dead filter's float noise,
     scaled to unit norm, would otherwise weigh as much as a live one (and change with every cast)."""
     norms = w.norm(dim=dim, keepdim=True)
-    return torch.where(norms < rel * norms.flatten().median(), torch.zeros_like(w), w)
+    return w * (norms >= rel * norms.flatten().median())
+
+
+def _alive(squared_norms: torch.Tensor, rel: float = 1e-3) -> torch.Tensor:
+    """`_drop_dead`'s test on squared unit norms: True for the units it keeps."""
+    return squared_norms >= (rel * rel) * squared_norms.median()
 
 
 def _top(w: torch.Tensor, keep: float) -> torch.Tensor:
     """Only the `keep` fraction of entries largest in magnitude (magnitude pruning removes the others)."""
     if keep >= 1.0 or w.numel() < 2:
         return w
-    flat = w.abs().flatten()
-    cut = torch.kthvalue(flat, max(1, int(round((1.0 - keep) * flat.numel())))).values
-    return torch.where(w.abs() > cut, w, torch.zeros_like(w))
+    magnitude = w.abs()
+    k = max(1, int(round((1.0 - keep) * magnitude.numel())))
+    if magnitude.is_cuda:
+        cut = torch.kthvalue(magnitude.flatten(), k).values
+    else:  # the same k-th value; numpy's introselect is several times faster than torch's on CPU
+        cut = float(np.partition(magnitude.numpy().ravel(), k - 1)[k - 1])
+    return w * (magnitude > cut)
 
 
 def _balance(w: torch.Tensor, iterations: int = 12) -> torch.Tensor:
@@ -287,11 +297,19 @@ def _balance(w: torch.Tensor, iterations: int = 12) -> torch.Tensor:
     The balanced form is the same for W and D1 W D2 (positive diagonal D1, D2): a BatchNorm folded into
     this layer scales its rows, a rescaling across the ReLU before it scales its columns.
     """
-    w = _drop_dead(_drop_dead(w, dim=(1, 2)), dim=(0, 2))
+    # Everything acts on the (out, in) matrix of squared norms alone: dead rows, then dead columns, are
+    # dropped there, and the scalings iterate there (a matrix-vector product per step, no pass over the
+    # kernel offsets); the weights are scaled once at the end.
+    energy = (w * w).sum(dim=2)
+    alive_r = _alive(energy.sum(dim=1))
+    energy = energy * alive_r[:, None]
+    alive_c = _alive(energy.sum(dim=0))
+    energy = energy * alive_c[None, :]
+    r, c = alive_r.to(w.dtype), alive_c.to(w.dtype)
     for _ in range(iterations):
-        w = w / (w.norm(dim=(1, 2), keepdim=True) + _EPS)
-        w = w / (w.norm(dim=(0, 2), keepdim=True) + _EPS)
-    return w
+        r = r / (torch.sqrt(r * r * (energy @ (c * c))) + _EPS)
+        c = c / (torch.sqrt(c * c * ((r * r) @ energy)) + _EPS)
+    return w * (r[:, None, None] * c[None, :, None])
 
 
 @functools.lru_cache(maxsize=256)
