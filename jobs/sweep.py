@@ -20,13 +20,12 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from jobs.entry import job_main
@@ -34,124 +33,16 @@ from jobs.query import hash_uri
 from pipeline.errors import ModelhashError, ModelIndexError, SourceError
 from pipeline.hashing import Spec, get_spec
 from pipeline.hashing.model import HashResult, hash_model
-from pipeline.index.reader import Codes, IndexReader, ShardRows
+from pipeline.index.reader import CodePlan, Codes, IndexReader, ShardRows
 from pipeline.refs import ModelRef, is_checkpoint_name
 from pipeline.search import hamming
+from pipeline.search.report import Protected, SweepSummary, tiles_of, write_report, write_summary
 from pipeline.search.sweep import PARTS, WHOLE, Hits, Target, empty_hits, merge, search
 from pipeline.settings import Settings
 from pipeline.sources import list_models
 
 QUERY_TILE = 4096  # query codes per local pass over the index: the unit of streaming and progress
 SCAN_RETRIES = 3  # a scan task lost with its worker is re-run
-
-REPORT_SCHEMA = pa.schema(
-    [
-        ("query_source", pa.string()),
-        ("query_model_id", pa.string()),
-        ("query_revision", pa.string()),
-        ("part", pa.string()),  # the protected model's block, null for its whole-model code
-        ("match_source", pa.string()),
-        ("match_model_id", pa.string()),
-        ("match_revision", pa.string()),
-        ("match_part", pa.string()),  # the indexed model's block, null for its whole-model code
-        ("distance", pa.int32()),
-        ("similarity", pa.float64()),
-        ("verdict", pa.string()),
-        ("rank", pa.int32()),  # 1 = nearest, per protected code and kind of match
-        ("same_model", pa.bool_()),  # the protected model itself (same source and model_id) in the index
-    ]
-)
-
-
-@dataclass
-class Protected:
-    """The protected models' codes, flattened: query code i belongs to model `owner[i]`, block `part[i]`."""
-
-    source: list[str] = field(default_factory=list)
-    model_id: list[str] = field(default_factory=list)
-    revision: list[str | None] = field(default_factory=list)
-    codes: list[bytes] = field(default_factory=list)
-    owner: list[int] = field(default_factory=list)
-    part: list[str | None] = field(default_factory=list)
-    failed: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def models(self) -> int:
-        return len(self.model_id)
-
-    def add(
-        self, source: str, model_id: str, revision: str | None, code: bytes, parts: Iterable[tuple[str, bytes]]
-    ) -> None:
-        m = self.models
-        self.source.append(source)
-        self.model_id.append(model_id)
-        self.revision.append(revision)
-        for name, c in [(None, code), *parts]:
-            hamming.as_words(c)  # a code of another length is refused here, not matched wrongly
-            self.codes.append(bytes(c))
-            self.owner.append(m)
-            self.part.append(name)
-
-    def words(self) -> np.ndarray:
-        """(Q, 4) uint64 query codes."""
-        if not self.codes:
-            return np.empty((0, hamming.WORDS), dtype=np.uint64)
-        return np.frombuffer(b"".join(self.codes), dtype=np.uint64).reshape(-1, hamming.WORDS)
-
-
-@dataclass
-class SweepSummary:
-    """What a sweep found and what it cost; written beside the report as JSON and Markdown."""
-
-    protected: str
-    index: str
-    spec: str
-    report: str
-    k: int
-    max_distance: int
-    ray: bool
-    protected_models: int = 0
-    query_codes: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
-    index_codes: int = 0
-    index_parts: int = 0
-    pairs: int = 0
-    by_verdict: dict[str, int] = field(default_factory=dict)  # pairs of different models
-    same_model: int = 0
-    flagged_models: int = 0  # distinct (protected, indexed) model pairs with a copy or related verdict
-    top: list[dict[str, Any]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def line(self) -> str:
-        verdicts = ", ".join(f"{n} {v}" for v, n in sorted(self.by_verdict.items())) or "no pairs"
-        return (
-            f"{self.protected_models} protected models ({len(self.failed)} failed) against {self.index_codes} "
-            f"codes: {verdicts}; {self.flagged_models} flagged model pairs "
-            f"({self.seconds.get('total', 0):.1f} s; report {self.report})"
-        )
-
-    def markdown(self) -> str:
-        lines = [
-            f"# Sweep of {self.protected} against {self.index}",
-            "",
-            f"- spec `{self.spec}`, k = {self.k}, max distance {self.max_distance} bits",
-            f"- {self.protected_models} protected models ({self.query_codes} codes, {len(self.failed)} failed), "
-            f"{self.index_codes} indexed codes and {self.index_parts} block codes",
-            f"- {self.pairs} pairs: " + (", ".join(f"{n} {v}" for v, n in sorted(self.by_verdict.items())) or "none")
-            + f" (and {self.same_model} of a model with itself)",
-            f"- {self.flagged_models} flagged model pairs; "
-            + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()),
-        ]
-        if self.top:
-            lines += ["", "| protected | block | indexed | block | distance | verdict |", "|---|---|---|---|---|---|"]
-            for t in self.top:
-                lines.append(
-                    f"| {t['query_model_id']} | {t['part'] or ''} | {t['match_model_id']} | "
-                    f"{t['match_part'] or ''} | {t['distance']} | {t['verdict']} |"
-                )
-        for f in self.failed:
-            lines.append(f"- failed: {f['model']}: {f['error']}")
-        return "\n".join(lines) + "\n"
 
 
 def sweep(
@@ -204,26 +95,25 @@ def sweep(
 
     tick = time.perf_counter()
     words = queries.words()
+    searched: Codes | CodePlan  # the index's rows; the report reads the matched rows' identities from it
     if ray_address is not None:
-        identities, hits = _scan_on_ray(reader, chosen, words, k, max_distance, parts, device, progress, summary)
+        searched, hits = _scan_on_ray(reader, chosen, words, k, max_distance, parts, device, progress, summary)
         summary.seconds["scan"] = time.perf_counter() - tick
-        tiles: Iterable[tuple[slice, dict[str, Hits]]] = _tiles_of(hits, len(words))
+        tiles: Iterable[tuple[slice, dict[str, Hits]]] = tiles_of(hits, len(words), QUERY_TILE)
     else:
-        identities = reader.load_codes(chosen.name, parts=parts)
-        _check_not_empty(identities, reader, index, chosen)
-        summary.index_codes = len(identities)
-        summary.index_parts = len(identities.parts) if identities.parts is not None else 0
+        searched = reader.load_codes(chosen.name, parts=parts)
+        _check_not_empty(searched, reader, index, chosen)
+        summary.index_codes = len(searched)
+        summary.index_parts = len(searched.parts) if searched.parts is not None else 0
         summary.seconds["load"] = time.perf_counter() - tick
-        tiles = _scan_locally(identities, words, k, max_distance, parts, device, progress)
+        tiles = _scan_locally(searched, words, k, max_distance, parts, device, progress)
     tick = time.perf_counter()
-    _write_report(out, tiles, queries, identities, chosen, summary)
+    write_report(out, tiles, queries, searched, chosen, summary)
     if ray_address is None:
         summary.seconds["scan"] = time.perf_counter() - tick
     summary.seconds["total"] = time.perf_counter() - started
     summary.seconds = {key: round(v, 3) for key, v in summary.seconds.items()}
-    base = _summary_base(out)
-    Path(f"{base}.summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    Path(f"{base}.summary.md").write_text(summary.markdown())
+    write_summary(summary)
     return summary
 
 
@@ -313,7 +203,8 @@ def _add_indexed(out: Protected, codes: Codes) -> None:
         names = codes.parts.name.to_pylist()
         for row, name, words in zip(codes.parts.row.tolist(), names, codes.parts.codes, strict=True):
             by_row.setdefault(row, []).append((name, words.tobytes()))
-    source, model_id, revision = codes.source.to_pylist(), codes.model_id.to_pylist(), codes.revision.to_pylist()
+    ids = codes.identities()  # every row: the protected set is all of this index
+    source, model_id, revision = (ids[c].to_pylist() for c in ("source", "model_id", "revision"))
     for i in range(len(codes)):
         out.add(source[i], model_id[i], revision[i], codes.codes[i].tobytes(), by_row.get(i, []))
 
@@ -361,7 +252,7 @@ def _scan_task() -> Any:
     return ray.remote(num_cpus=1, max_retries=SCAN_RETRIES)(scan_shards)
 
 
-def _check_not_empty(codes: Codes | Any, reader: IndexReader, index: str, spec: Spec) -> None:
+def _check_not_empty(codes: Codes | CodePlan, reader: IndexReader, index: str, spec: Spec) -> None:
     if len(codes) == 0:
         present = ", ".join(reader.specs()) or "none"
         raise ModelIndexError(f"{index}: no codes of spec {spec.name} (specs in the index: {present})")
@@ -393,7 +284,7 @@ def _scan_on_ray(
     device: str | None,
     progress: bool,
     summary: SweepSummary,
-) -> tuple[Any, dict[str, Hits]]:
+) -> tuple[CodePlan, dict[str, Hits]]:
     """Shards split among Ray tasks, each returning its top-k per query; merged here as they finish."""
     import ray
 
@@ -436,94 +327,6 @@ def _split(shards: list[ShardRows], groups: int) -> list[list[ShardRows]]:
         out[-1].append(shard)
         held += len(shard)
     return [g for g in out if g]
-
-
-def _tiles_of(hits: dict[str, Hits], n: int) -> Iterator[tuple[slice, dict[str, Hits]]]:
-    for q0 in range(0, n, QUERY_TILE):
-        tile = slice(q0, min(q0 + QUERY_TILE, n))
-        yield tile, {kind: Hits(h.kind, h.distance[tile], h.key[tile], h.name[tile]) for kind, h in hits.items()}
-
-
-def _write_report(
-    out: str,
-    tiles: Iterable[tuple[slice, dict[str, Hits]]],
-    queries: Protected,
-    identities: Any,
-    spec: Spec,
-    summary: SweepSummary,
-) -> None:
-    """Stream the pairs into `out`, tile by tile, and count them into `summary`."""
-    verdicts = np.array([spec.thresholds.verdict(d) for d in range(hamming.BITS + 1)], dtype=object)
-    owner = np.asarray(queries.owner, dtype=np.int64)
-    q_part = np.asarray(queries.part, dtype=object)
-    q_source, q_model = np.asarray(queries.source, dtype=object), np.asarray(queries.model_id, dtype=object)
-    q_revision = np.asarray(queries.revision, dtype=object)
-    counts: dict[str, int] = {}
-    flagged: set[tuple[int, int]] = set()
-    top: list[tuple[int, str, dict[str, Any]]] = []
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(out, REPORT_SCHEMA, compression="zstd") as writer:
-        for tile, hits in tiles:
-            for kind, h in hits.items():
-                found = h.key != hamming.NO_MATCH
-                qi, slot = np.nonzero(found)
-                if not len(qi):
-                    continue
-                qi = qi + tile.start
-                rows = h.rows[found]
-                dist = h.distance[found].astype(np.int32)
-                take = pa.array(rows)
-                m_source = _take(identities.source, take)
-                m_model = _take(identities.model_id, take)
-                same = (q_source[owner[qi]] == m_source) & (q_model[owner[qi]] == m_model)
-                table = pa.table(
-                    {
-                        "query_source": q_source[owner[qi]],
-                        "query_model_id": q_model[owner[qi]],
-                        "query_revision": q_revision[owner[qi]],
-                        "part": q_part[qi],
-                        "match_source": m_source,
-                        "match_model_id": m_model,
-                        "match_revision": _take(identities.revision, take),
-                        "match_part": h.name[found] if kind == PARTS else np.full(len(qi), None, dtype=object),
-                        "distance": dist,
-                        "similarity": 1.0 - dist / spec.bits,
-                        "verdict": verdicts[dist],
-                        "rank": (slot + 1).astype(np.int32),
-                        "same_model": same,
-                    },
-                    schema=REPORT_SCHEMA,
-                )
-                writer.write_table(table)
-                summary.pairs += len(qi)
-                summary.same_model += int(same.sum())
-                other = ~same
-                for v, n in zip(*np.unique(verdicts[dist][other].astype(str), return_counts=True), strict=True):
-                    counts[str(v)] = counts.get(str(v), 0) + int(n)
-                hit = other & (dist <= spec.thresholds.related)
-                flagged.update(zip(owner[qi][hit].tolist(), rows[hit].tolist(), strict=True))
-                for j in np.flatnonzero(hit)[: 20]:
-                    top.append((int(dist[j]), str(table["query_model_id"][j]), table.slice(int(j), 1).to_pylist()[0]))
-                top = sorted(top, key=lambda t: (t[0], t[1]))[:20]
-    summary.by_verdict = counts
-    summary.flagged_models = len(flagged)
-    summary.top = [
-        {key: t[2][key] for key in ("query_model_id", "part", "match_model_id", "match_part", "distance", "verdict")}
-        for t in top
-    ]
-
-
-def _take(column: Any, rows: pa.Array) -> np.ndarray:
-    taken = column.take(rows)
-    if isinstance(taken, pa.ChunkedArray):
-        taken = taken.combine_chunks()
-    if pa.types.is_dictionary(taken.type):
-        taken = taken.dictionary_decode()
-    return taken.to_numpy(zero_copy_only=False)
-
-
-def _summary_base(out: str) -> str:
-    return out[: -len(".parquet")] if out.endswith(".parquet") else out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

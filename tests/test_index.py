@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ModelIndexError
+from pipeline.hashing import get_spec
 from pipeline.index import store
 from pipeline.index.reader import IndexReader, _code_words
 from pipeline.index.schema import SCHEMA, STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK
 from pipeline.index.writer import ShardWriter, new_run_id
+from pipeline.search.matches import rank
 
 SPEC = "nts-v1"
 
@@ -148,7 +153,7 @@ def test_latest_row_wins_across_runs(tmp_path: Path) -> None:
         ("org/model-3", SPEC, "r1", STATUS_OK),
     ]
     # The superseding error row means model-1 has no searchable code of SPEC any more.
-    searchable = reader.load_codes(SPEC).model_id.to_pylist()
+    searchable = reader.load_codes(SPEC).identities()["model_id"].to_pylist()
     assert sorted(searchable) == ["org/model-0", "org/model-2", "org/model-3"]
     assert reader.specs() == [SPEC, "other-v1"]
 
@@ -179,11 +184,11 @@ def test_load_codes_across_shards_and_chunks(tmp_path: Path) -> None:
     assert loaded.codes.dtype == np.uint64 and loaded.codes.shape == (len(keep), 4)
     assert not loaded.codes.flags.writeable
     assert len(loaded) == len(keep)
-    assert loaded.model_id.to_pylist() == [f"org/model-{i}" for i in keep]
+    assert loaded.identities()["model_id"].to_pylist() == [f"org/model-{i}" for i in keep]
     for row, i in enumerate(keep):
         assert loaded.codes[row].tobytes() == codes[i]
     assert loaded.identity(0) == ("local", "org/model-0", "r1")
-    assert loaded.source.to_pylist() == ["local"] * len(keep)
+    assert loaded.identities([len(keep) - 1, 0], ["source"])["source"].to_pylist() == ["local"] * 2
 
 
 def test_load_codes_single_shard_is_a_view_of_sliced_chunks(tmp_path: Path) -> None:
@@ -194,7 +199,7 @@ def test_load_codes_single_shard_is_a_view_of_sliced_chunks(tmp_path: Path) -> N
     expected = [r["code"] for r in rows if r["code"] is not None]
     assert [c.tobytes() for c in loaded.codes] == expected
     empty = IndexReader(str(tmp_path)).load_codes("absent-spec")
-    assert empty.codes.shape == (0, 4) and len(empty.model_id) == 0
+    assert empty.codes.shape == (0, 4) and empty.identities().num_rows == 0 and empty.nbytes == 0
 
 
 def test_known_revisions(tmp_path: Path) -> None:
@@ -325,8 +330,8 @@ def test_latest_row_wins_even_when_every_key_hash_collides(tmp_path: Path, monke
     monkeypatch.setattr(reader_module, "_key_hashes", lambda s, m: np.zeros(len(m), dtype=np.uint64))
     colliding = IndexReader(str(tmp_path)).load_codes(SPEC)
     for loaded in (honest, colliding):
-        columns = (loaded.source, loaded.model_id, loaded.revision)
-        got = sorted(zip(*(c.to_pylist() for c in columns), strict=True))
+        ids = loaded.identities()
+        got = sorted(zip(*(ids[c].to_pylist() for c in ("source", "model_id", "revision")), strict=True))
         assert got == [
             ("hf", "org/model-0", "r1"),
             ("local", "org/model-0", "r1"),
@@ -344,25 +349,116 @@ def test_plan_and_read_codes_shard_by_shard(tmp_path: Path) -> None:
     reader = IndexReader(str(tmp_path))
     plan = reader.plan_codes(SPEC)
     loaded = reader.load_codes(SPEC, parts=True)
-    assert len(plan) == len(loaded) == 15 and plan.model_id.to_pylist() == loaded.model_id.to_pylist()
+    assert len(plan) == len(loaded) == 15 and plan.identities().equals(loaded.identities())
     assert [s.offset for s in plan.shards] == [0, 4, 9, 13]
     pieces = [reader.read_codes(s) for s in plan.shards]
     assert np.array_equal(np.concatenate([c for c, _ in pieces]), loaded.codes)
     assert np.concatenate([r for _, r in pieces]).tolist() == list(range(15))
     parts = [reader.read_parts(s) for s in plan.shards]
     assert sum(len(p) for p in parts) == len(loaded.parts) == 2
-    row = loaded.model_id.to_pylist().index("org/model-5")
+    row = loaded.identities()["model_id"].to_pylist().index("org/model-5")
     assert loaded.parts.row.tolist() == [row, row] and loaded.parts.name.to_pylist() == ["backbone", "head"]
     assert loaded.parts.codes[1].tobytes() == bytes([6]) * 32
-    assert pickle.loads(pickle.dumps(reader)).plan_codes(SPEC).model_id.to_pylist() == plan.model_id.to_pylist()
+    assert pickle.loads(pickle.dumps(reader)).plan_codes(SPEC).identities().equals(plan.identities())
+    assert pickle.loads(pickle.dumps(loaded)).identity(row) == ("local", "org/model-5", "r1")
 
 
 def test_rows_without_a_code_or_with_bad_part_codes(tmp_path: Path) -> None:
     _commit(tmp_path, [_row(0), _row(1, code=None), _row(2)])  # status ok, yet no code: not searchable
     loaded = IndexReader(str(tmp_path)).load_codes(SPEC, parts=True)
-    assert loaded.model_id.to_pylist() == ["org/model-0", "org/model-2"] and loaded.codes.shape == (2, 4)
+    assert loaded.identities()["model_id"].to_pylist() == ["org/model-0", "org/model-2"]
+    assert loaded.codes.shape == (2, 4) and loaded.identity(1) == ("local", "org/model-2", "r1")
     bad = tmp_path / "bad"
     _commit(bad, [_row(0, parts=[{"name": "block", "code": b"short"}])])
     with pytest.raises(ModelIndexError, match="part codes of"):
         IndexReader(str(bad)).load_codes(SPEC, parts=True)
     assert len(IndexReader(str(bad)).load_codes(SPEC)) == 1  # whole-model codes alone still load
+
+
+# -- lean loading: codes held, identities read on demand ---------------------------------------------
+
+
+def _regroup(index: Path, row_group_size: int) -> None:
+    """Rewrite every shard with small row groups (a crawl's shards hold one): same rows, same run records."""
+    for path in index.glob("shards/*/part-*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
+
+
+def _reindexed(index: Path) -> dict[str, tuple[str, str, bytes]]:
+    """Three runs over 60 models: re-indexed models, an error hiding an older code, another spec, a null code.
+
+    Returns model_id -> (source, revision, code) of what must be searchable.
+    """
+    first = [_row(i) for i in range(40)] + [_row(i, spec="other-v1") for i in range(10)]
+    _commit(index, first, run_id="a", rows_per_shard=7)
+    second = [_row(i, revision="r2", code=bytes([i]) * 32) for i in range(0, 40, 3)]  # a new revision, a new code
+    second += [_row(1, revision="r2", status=STATUS_ERROR), _row(2, revision="r2", code=None)]
+    second += [_row(i) for i in range(40, 60)]
+    _commit(index, second, run_id="b", rows_per_shard=5)
+    third = [_row(3, revision="r3", code=bytes([99]) * 32), {**_row(4), "source": "hf"}]
+    _commit(index, third, run_id="c")
+    truth: dict[tuple[str, str], tuple[str, bytes]] = {}
+    for row in first[:40] + second + third:
+        key = (row["source"], row["model_id"])
+        if row["status"] == STATUS_ERROR or row["code"] is None:
+            truth.pop(key, None)
+        else:
+            truth[key] = (row["revision"], row["code"])
+    return {f"{s}:{m}": (s, r, c) for (s, m), (r, c) in truth.items()}
+
+
+@pytest.mark.parametrize("row_group_size", [None, 3])
+def test_loaded_codes_hold_no_identities_and_read_them_back(tmp_path: Path, row_group_size: int | None) -> None:
+    truth = _reindexed(tmp_path)
+    if row_group_size:
+        _regroup(tmp_path, row_group_size)
+    loaded = IndexReader(str(tmp_path)).load_codes(SPEC)
+    n = len(loaded)
+    assert n == len(truth) == 59  # 60 models + hf's model-4, less model-1 (error) and model-2 (no code)
+    # Nothing per row beside the codes but the locator: no Arrow column, no string, at most 4 bytes a row.
+    held = [getattr(loaded, f.name) for f in dataclasses.fields(loaded)]
+    held += [getattr(loaded.plan, f.name) for f in dataclasses.fields(loaded.plan) if f.name != "reader"]
+    assert not any(isinstance(v, pa.Array | pa.ChunkedArray | pa.Table | list) for v in held)
+    keeps = [s.keep for s in loaded.plan.shards if s.keep is not None]
+    assert keeps and all(k.dtype == np.int32 for k in keeps)  # superseded rows: some shards keep a subset
+    assert any(s.keep is None and s.rows > 0 for s in loaded.plan.shards)  # whole shards: nothing per row
+    assert loaded.nbytes == n * 32 + sum(k.nbytes for k in keeps) <= n * 36
+    # Lazily, in any order, repeats included, across shards and runs: the latest row's identity and code.
+    rows = np.random.default_rng(0).permutation(np.concatenate([np.arange(n), [5, 5, n - 1]]))
+    ids = loaded.identities(rows, ["source", "model_id", "revision", "indexed_at"])
+    assert ids.column_names == ["source", "model_id", "revision", "indexed_at"] and ids.num_rows == len(rows)
+    for row, who in zip(rows.tolist(), ids.to_pylist(), strict=True):
+        source, revision, code = truth[f"{who['source']}:{who['model_id']}"]
+        assert (who["source"], who["revision"]) == (source, revision)
+        assert loaded.codes[row].tobytes() == code
+    assert len({(w["source"], w["model_id"]) for w in ids.to_pylist()}) == n  # every model once
+    reindexed = loaded.identities()["model_id"].to_pylist().index("org/model-3")
+    assert loaded.identity(reindexed) == ("local", "org/model-3", "r3")
+    assert loaded.codes[reindexed].tobytes() == bytes([99]) * 32
+    assert loaded.identities([]).num_rows == 0
+    with pytest.raises(IndexError):
+        loaded.identities([n])
+    with pytest.raises(ValueError, match="unknown"):
+        loaded.identities([0], ["colour"])
+
+
+def test_a_shard_gone_after_loading_is_a_clear_error(tmp_path: Path) -> None:
+    run_id = _commit(tmp_path, [_row(i) for i in range(9)], rows_per_shard=3)
+    loaded = IndexReader(str(tmp_path)).load_codes(SPEC)
+    shard = tmp_path / "shards" / f"run={run_id}" / "part-00001.parquet"  # rows 3..5
+    shard.rename(tmp_path / "aside.parquet")
+    # Rows of the other shards still resolve: proof that nothing was held, and that only touched shards are read.
+    assert loaded.identities([0, 8])["model_id"].to_pylist() == ["org/model-0", "org/model-8"]
+    with pytest.raises(ModelIndexError, match=r"part-00001\.parquet.*missing"):
+        loaded.identities([0, 4])
+    with pytest.raises(ModelIndexError, match="missing"):
+        rank(loaded, loaded.codes[4].tobytes(), get_spec("nts"), k=3)
+    shard.write_bytes(b"PAR1 not parquet PAR1")
+    with pytest.raises(ModelIndexError, match=r"part-00001\.parquet.*unreadable"):
+        loaded.identity(4)
+    # Rewritten with as many rows of another spec: refused rather than misattributed.
+    _commit(tmp_path / "other", [_row(i, spec="other-v1") for i in range(3)])
+    shutil.copy(next((tmp_path / "other").glob("shards/*/part-*.parquet")), shard)
+    with pytest.raises(ModelIndexError, match="no longer holds"):
+        loaded.identity(4)

@@ -311,6 +311,30 @@ def test_index_round_trip_on_s3_and_uncommitted_runs_are_invisible(s3, bucket):
         ShardWriter(index, run_id=w.run_id)
 
 
+def test_identities_are_read_lazily_from_s3_shards(s3, bucket):
+    index = f"s3://{bucket}/index"
+    with ShardWriter(index, rows_per_shard=3) as first:
+        for i in range(8):
+            first.add(_row(i))
+    with ShardWriter(index, rows_per_shard=2) as second:
+        second.add({**_row(2), "revision": "r2", "code": bytes([2]) * 32})  # model-2 re-indexed
+        second.add(_row(8))
+    loaded = IndexReader(index).load_codes(SPEC)
+    assert len(loaded) == 9 and loaded.nbytes <= 9 * 36  # codes and row locators only
+    rows = [8, 0, 4, 8]
+    got = loaded.identities(rows).to_pylist()
+    for row, who in zip(rows, got, strict=True):
+        i = int(who["model_id"].removeprefix("b/model-"))
+        want = bytes([2]) * 32 if i == 2 else _row(i)["code"]
+        assert loaded.codes[row].tobytes() == want and who["source"] == "s3"
+    by_model = {w["model_id"]: w["revision"] for w in loaded.identities().to_pylist()}
+    assert by_model["b/model-2"] == "r2" and by_model["b/model-0"] == "r1" and len(by_model) == 9
+    s3.delete_object(Bucket=bucket, Key=f"index/{first.record.shards[0].path}")  # rows of models 0..2
+    with pytest.raises(ModelIndexError, match="missing"):
+        loaded.identities()
+    assert loaded.identities([len(loaded) - 1])["model_id"].to_pylist() == ["b/model-8"]
+
+
 def test_a_run_record_is_never_replaced(s3, bucket):
     index = f"s3://{bucket}/index"
     first, second = ShardWriter(index, run_id="same-run"), ShardWriter(index, run_id="same-run")

@@ -199,7 +199,7 @@ def test_load_codes_with_parts(world) -> None:
     codes = IndexReader(str(world["index"])).load_codes(get_spec(SPEC).name, parts=True)
     assert len(codes) == 6 and codes.parts is not None
     assert {"backbone", "head"} <= set(codes.parts.name.to_pylist())
-    ids, names = codes.model_id.to_pylist(), codes.parts.name.to_pylist()
+    ids, names = codes.identities()["model_id"].to_pylist(), codes.parts.name.to_pylist()
     rows = codes.parts.row.tolist()
     assert rows == sorted(rows) and len(rows) == len(names) == len(codes.parts.codes)
     backbone = {ids[r]: c.tobytes() for r, n, c in zip(rows, names, codes.parts.codes, strict=True) if n == "backbone"}

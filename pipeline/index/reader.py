@@ -2,15 +2,20 @@
 
 Shards not named by a run record (a crashed or running crawl) are never opened.
 
-Loading codes for search reads only the identity columns and the codes, in two passes over the shards:
-first identity, spec and status (small, dictionary-encoded where they repeat), to decide which rows are
-the latest searchable ones; then the code column, each shard's kept rows copied straight into one
-preallocated (N, 4) uint64 array. Peak memory is N x 32 bytes plus the identities plus one shard.
+Loading codes for search holds the codes and nothing per row beside them: N x 32 bytes, plus, per shard,
+which of its rows were kept (nothing when it is every row, else 4 bytes a row). It reads in two passes
+over the shards: first source, model_id, spec and status (dictionary-encoded where they repeat), to
+decide which rows are the latest searchable ones; then the code column, each shard's kept rows copied
+straight into one preallocated (N, 4) uint64 array. The identities of the first pass are dropped once
+the rows are chosen, so peak memory is N x 32 bytes plus those two columns plus one shard. A model's
+identity (or any other column) is read back on demand, for the rows a query or sweep reports only: one
+read per shard touched, of the row groups that hold those rows (`CodePlan.identities`).
 The plan of the first pass (`CodePlan`) also lets Ray workers read their own shards' codes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +38,8 @@ KEY = ("source", "model_id", "spec")  # one row per model and spec; the latest w
 WORDS = CODE_BYTES // 8
 SEARCHABLE = (STATUS_OK, STATUS_DUPLICATE)  # statuses whose rows carry a code to search
 _READ_THREADS = 8  # shards are read concurrently: object-store latency, not CPU, dominates there
-_ID_COLUMNS = ("source", "model_id", "revision", "spec", "status")
+IDENTITY = ("source", "model_id", "revision")  # what `identities` reads unless asked for other columns
+_ID_COLUMNS = ("source", "model_id", "spec", "status")  # what choosing the searchable rows needs
 _DICTIONARY_COLUMNS = ("source", "spec", "status")  # few distinct values: kept as dictionaries on read
 
 
@@ -50,61 +56,112 @@ class PartCodes:
 
 
 @dataclass(frozen=True, slots=True)
-class Codes:
-    """The searchable codes of one spec: row i of `codes` belongs to `source[i]`, `model_id[i]`, ...
+class ShardRows:
+    """The rows of one shard that hold searchable codes: local row numbers `keep` (ascending) become
+    rows `offset, offset + 1, ...` of the spec's codes. `keep` is None when every row of the shard is kept
+    (the common case: nothing is held per row), else int32; build with `ShardRows.of`."""
 
-    `codes` is (N, 4) uint64, C-contiguous and read-only. The identity columns stay Arrow arrays, chunked
-    as read (compact at hub scale); `identity(i)` gives one row as Python values. `parts` holds the per-block
-    codes when they were asked for.
+    run_id: str
+    path: str  # relative to the index root, as in the run record
+    rows: int  # rows the run recorded for this shard
+    keep: np.ndarray | None
+    offset: int
+
+    @classmethod
+    def of(cls, run_id: str, path: str, rows: int, keep: np.ndarray, offset: int) -> ShardRows:
+        """The compact form of ascending, distinct local rows `keep`."""
+        if len(keep) == rows:
+            return cls(run_id, path, rows, None, offset)
+        return cls(run_id, path, rows, np.asarray(keep, dtype=np.int32 if rows < 2**31 else np.int64), offset)
+
+    def __len__(self) -> int:
+        return self.rows if self.keep is None else int(self.keep.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held per kept row (the `keep` array)."""
+        return 0 if self.keep is None else int(self.keep.nbytes)
+
+    def local_rows(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """The shard's own row numbers (int64) of kept rows `positions` (0-based; default: all of them)."""
+        if self.keep is None:
+            return np.arange(self.rows, dtype=np.int64) if positions is None else np.asarray(positions, np.int64)
+        return (self.keep if positions is None else self.keep[positions]).astype(np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class CodePlan:
+    """Where the searchable codes of one spec are, before reading any code, and whose they are.
+
+    Row i of the spec's codes is kept row `i - shard.offset` of the shard whose range holds i; `shards`
+    are in commit order. No identity is held: `identities(rows)` reads the rows' columns back from their
+    shards through the same filesystem. Picklable, so that each Ray task reads only its shards.
+    """
+
+    spec: str
+    shards: tuple[ShardRows, ...]
+    reader: IndexReader = dataclasses.field(repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return self.shards[-1].offset + len(self.shards[-1]) if self.shards else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held per row to locate it (0 when every row of every shard is kept)."""
+        return sum(s.nbytes for s in self.shards)
+
+    def identities(self, rows: Sequence[int] | np.ndarray | None = None, columns: Sequence[str] = IDENTITY) -> pa.Table:
+        """`columns` of `rows` (default: all rows, in order), one table row per requested row, in that order.
+
+        One read per shard touched, of only the row groups holding those rows; shards in parallel.
+
+        Raises:
+            IndexError: a row outside 0..len - 1.
+            ValueError: an unknown column.
+            ModelIndexError: a shard went missing or unreadable since the plan was made, or no longer
+                holds the planned rows.
+        """
+        return self.reader.read_rows(self, rows, columns)
+
+    def identity(self, i: int) -> tuple[str, str, str | None]:
+        """(source, model_id, revision) of row `i`. Reads a shard: for many rows, use `identities`."""
+        row = self.identities([i]).to_pylist()[0]
+        return row["source"], row["model_id"], row["revision"]
+
+
+@dataclass(frozen=True, slots=True)
+class Codes:
+    """The searchable codes of one spec: row i of `codes` is row i of `plan`.
+
+    `codes` is (N, 4) uint64, C-contiguous and read-only; beside it only `plan` (which shard rows they
+    are: a few bytes per shard, 4 per row at most), so loading holds N x 32 bytes plus a small overhead.
+    Identities are read on demand, for the rows asked: `identities(rows)` (batched per shard) or
+    `identity(i)`. `parts` holds the per-block codes when they were asked for.
     """
 
     spec: str
     codes: np.ndarray
-    source: pa.Array | pa.ChunkedArray
-    model_id: pa.Array | pa.ChunkedArray
-    revision: pa.Array | pa.ChunkedArray
+    plan: CodePlan
     parts: PartCodes | None = None
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the codes, the row locators, and the per-block codes if loaded."""
+        parts = 0
+        if self.parts is not None:
+            parts = self.parts.codes.nbytes + self.parts.row.nbytes + self.parts.name.nbytes
+        return int(self.codes.nbytes) + self.plan.nbytes + parts
+
+    def identities(self, rows: Sequence[int] | np.ndarray | None = None, columns: Sequence[str] = IDENTITY) -> pa.Table:
+        """`columns` (default source, model_id, revision) of `rows`, read from the index now; see `CodePlan`."""
+        return self.plan.identities(rows, columns)
+
     def identity(self, i: int) -> tuple[str, str, str | None]:
-        """(source, model_id, revision) of row `i`."""
-        i = int(i)
-        return (self.source[i].as_py(), self.model_id[i].as_py(), self.revision[i].as_py())
-
-
-@dataclass(frozen=True, slots=True)
-class ShardRows:
-    """The rows of one shard that hold searchable codes: local row numbers `keep` (ascending) become
-    rows `offset, offset + 1, ...` of the spec's codes."""
-
-    run_id: str
-    path: str  # relative to the index root, as in the run record
-    rows: int  # rows the run recorded for this shard
-    keep: np.ndarray  # int64
-    offset: int
-
-    def __len__(self) -> int:
-        return int(self.keep.shape[0])
-
-
-@dataclass(frozen=True, slots=True)
-class CodePlan:
-    """Where the searchable codes of one spec are, and whose they are, before reading any code.
-
-    Row i of the spec's codes is `source[i]`, `model_id[i]`, `revision[i]`; `shards` say which shard
-    rows hold them, in order. Picklable, so that each Ray task reads only its shards.
-    """
-
-    spec: str
-    source: pa.Array | pa.ChunkedArray
-    model_id: pa.Array | pa.ChunkedArray
-    revision: pa.Array | pa.ChunkedArray
-    shards: tuple[ShardRows, ...]
-
-    def __len__(self) -> int:
-        return len(self.model_id)
+        """(source, model_id, revision) of row `i`. Reads a shard: for many rows, use `identities`."""
+        return self.plan.identity(i)
 
 
 class IndexReader:
@@ -172,8 +229,9 @@ class IndexReader:
     def load_codes(self, spec: str, *, parts: bool = False) -> Codes:
         """The codes of one spec, for Hamming search: latest rows with status ok/duplicate and a code.
 
-        Reads only the identity, spec, status and code columns (and `parts` when asked), shards in
+        Reads only the source, model_id, spec, status and code columns (and `parts` when asked), shards in
         parallel; the codes land in one (N, 4) uint64 array without an intermediate copy of all of them.
+        No identity is held (see `Codes`).
 
         Raises:
             ModelIndexError: a shard is missing, unreadable, not what its run recorded, or holds a
@@ -184,14 +242,12 @@ class IndexReader:
         results = self._map(lambda shard: self._fill_codes(shard, codes, parts=parts), plan.shards)
         invalid = [bad for bad, _ in results if bad is not None]
         part_codes = _join_parts([p for _, p in results]) if parts else None
-        source, model_id, revision = plan.source, plan.model_id, plan.revision
         if invalid:
             # Rows whose latest status is ok but that hold no code: nothing to search, like error rows.
             valid = np.ones(len(plan), dtype=bool)
             valid[np.concatenate(invalid)] = False
             codes = codes[valid]
-            mask = pa.array(valid)
-            source, model_id, revision = source.filter(mask), model_id.filter(mask), revision.filter(mask)
+            plan = _keep_rows(plan, valid)
             if part_codes is not None:
                 new_row = np.cumsum(valid) - 1
                 held = valid[part_codes.row]
@@ -199,10 +255,13 @@ class IndexReader:
                     codes=part_codes.codes[held], row=new_row[part_codes.row[held]], name=part_codes.name.filter(held)
                 )
         codes.flags.writeable = False
-        return Codes(spec=spec, codes=codes, source=source, model_id=model_id, revision=revision, parts=part_codes)
+        # The first pass's columns are freed by now; hand their pages back rather than let Arrow's allocator
+        # keep them (~130 MiB of a 10M-row load would otherwise stay in the process's RSS).
+        pa.default_memory_pool().release_unused()
+        return Codes(spec=spec, codes=codes, plan=plan, parts=part_codes)
 
     def plan_codes(self, spec: str) -> CodePlan:
-        """Which shard rows hold the searchable codes of `spec`, and whose they are; reads no code.
+        """Which shard rows hold the searchable codes of `spec`; reads no code and keeps no identity.
 
         The latest row per (source, model_id) decides: an error row hides an older ok row.
 
@@ -212,25 +271,18 @@ class IndexReader:
         jobs = [(run, shard) for run in self.runs for shard in run.shards]
         scanned = self._map(lambda job: self._scan_ids(job[0], job[1], spec), jobs)
         if not scanned:
-            empty = pa.array([], pa.string())
-            return CodePlan(spec=spec, source=empty, model_id=empty, revision=empty, shards=())
-        ids = pa.concat_tables([table for _, table, _ in scanned])
-        latest = _last_of_key(ids["source"], ids["model_id"])
-        searchable = np.concatenate([ok for _, _, ok in scanned])
-        chosen = latest & searchable
+            return CodePlan(spec=spec, shards=(), reader=self)
+        ids = pa.concat_tables([table for _, table, _, _ in scanned])
+        latest = _last_of_key(ids["source"], ids["model_id"], np.concatenate([h for _, _, h, _ in scanned]))
+        del ids  # the identities were needed only to choose the rows
+        chosen = latest & np.concatenate([ok for _, _, _, ok in scanned])
         shards, offset, start = [], 0, 0
-        for (run, entry), (rows, _, _) in zip(jobs, scanned, strict=True):
+        for (run, entry), (rows, _, _, _) in zip(jobs, scanned, strict=True):
             keep = rows[chosen[start : start + len(rows)]]
-            shards.append(ShardRows(run.run_id, entry.path, entry.rows, keep, offset))
+            shards.append(ShardRows.of(run.run_id, entry.path, entry.rows, keep, offset))
             offset += len(keep)
             start += len(rows)
-        if not chosen.all():
-            ids = ids.filter(pa.array(chosen))
-        # The identity columns stay chunked as read (source dictionary-encoded): joining them would copy
-        # ~30 bytes a row for nothing.
-        return CodePlan(
-            spec=spec, source=ids["source"], model_id=ids["model_id"], revision=ids["revision"], shards=tuple(shards)
-        )
+        return CodePlan(spec=spec, shards=tuple(shards), reader=self)
 
     def read_codes(self, shard: ShardRows) -> tuple[np.ndarray, np.ndarray]:
         """The codes of one planned shard: ((n, 4) uint64, their row numbers in the spec's codes).
@@ -238,7 +290,7 @@ class IndexReader:
         Planned rows without a code are left out (their numbers too).
         """
         codes = np.empty((len(shard), WORDS), dtype=np.uint64)
-        invalid, _ = self._fill_codes(ShardRows(shard.run_id, shard.path, shard.rows, shard.keep, 0), codes)
+        invalid, _ = self._fill_codes(dataclasses.replace(shard, offset=0), codes)
         rows = np.arange(shard.offset, shard.offset + len(shard), dtype=np.int64)
         if invalid is not None:
             valid = np.ones(len(shard), dtype=bool)
@@ -251,6 +303,55 @@ class IndexReader:
         table = self._read_shard_columns(shard.run_id, shard.path, shard.rows, ["parts"])
         return _parts_of(table["parts"], shard)
 
+    def read_rows(
+        self, plan: CodePlan, rows: Sequence[int] | np.ndarray | None = None, columns: Sequence[str] = IDENTITY
+    ) -> pa.Table:
+        """`columns` of rows of a plan (default: all rows), in the order asked; what `CodePlan.identities` does.
+
+        The rows are grouped by shard; each shard touched is opened once and only its row groups holding
+        those rows are read, shards in parallel.
+
+        Raises:
+            IndexError: a row outside 0..len(plan) - 1.
+            ValueError: an unknown column.
+            ModelIndexError: a shard is missing or unreadable now, or its rows are no longer of the plan's spec.
+        """
+        columns = list(columns)
+        unknown = [c for c in columns if c not in SCHEMA.names]
+        if unknown:
+            raise ValueError(f"unknown index columns: {unknown}")
+        n = len(plan)
+        wanted = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        schema = pa.schema([SCHEMA.field(c) for c in columns])
+        if wanted.size == 0:
+            return schema.empty_table()
+        if wanted.min() < 0 or wanted.max() >= n:
+            raise IndexError(f"rows out of range: the plan of {plan.spec} has {n} rows")
+        offsets = np.array([s.offset for s in plan.shards], dtype=np.int64)
+        # An empty shard shares its offset with the next one; the last shard starting at or before a row holds it.
+        shard_of = np.searchsorted(offsets, wanted, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(shard_of[order])) + 1)
+        read = list(dict.fromkeys([*columns, "spec"]))
+
+        def read_group(group: np.ndarray) -> pa.Table:
+            shard = plan.shards[int(shard_of[group[0]])]
+            local, back = np.unique(shard.local_rows(wanted[group] - shard.offset), return_inverse=True)
+            table = self._read_shard_columns(shard.run_id, shard.path, shard.rows, read, take=local)
+            if not _is_in(table["spec"], [plan.spec]).all():
+                raise ModelIndexError(
+                    f"shard {shard.path} of run {shard.run_id} in {self.index_uri} no longer holds the rows "
+                    f"of spec {plan.spec} it held when the codes were loaded"
+                )
+            return table.select(columns).take(pa.array(back))
+
+        table = pa.concat_tables(self._map(read_group, groups))
+        if np.all(np.diff(order) > 0):
+            return table  # asked in shard order already
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return table.take(pa.array(back))
+
     def _fill_codes(
         self, shard: ShardRows, out: np.ndarray, *, parts: bool = False
     ) -> tuple[np.ndarray | None, PartCodes | None]:
@@ -258,35 +359,58 @@ class IndexReader:
         columns = ["code", "parts"] if parts else ["code"]
         table = self._read_shard_columns(shard.run_id, shard.path, shard.rows, columns)
         dest = out[shard.offset : shard.offset + len(shard)]
+        keep = shard.keep
         invalid: list[np.ndarray] = []
         start, pos = 0, 0
         for chunk in table["code"].chunks:
             stop = start + len(chunk)
-            lo, hi = np.searchsorted(shard.keep, [start, stop])
-            sel = shard.keep[lo:hi] - start
-            if len(sel):
-                np.take(_chunk_words(chunk, keep_nulls=True), sel, axis=0, out=dest[pos : pos + len(sel)])
+            if keep is None:  # every row: a straight copy
+                sel = None
+                count = len(chunk)
+            else:
+                lo, hi = np.searchsorted(keep, [start, stop])
+                sel = keep[lo:hi] - start
+                count = len(sel)
+            if count:
+                words = _chunk_words(chunk, keep_nulls=True)
+                if sel is None:
+                    dest[pos : pos + count] = words
+                else:
+                    np.take(words, sel, axis=0, out=dest[pos : pos + count])
                 if chunk.null_count:
-                    bad = np.flatnonzero(~chunk.is_valid().to_numpy(zero_copy_only=False)[sel])
+                    valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+                    bad = np.flatnonzero(~(valid if sel is None else valid[sel]))
                     if len(bad):
                         invalid.append(shard.offset + pos + bad)
-            pos += len(sel)
+            pos += count
             start = stop
         part_codes = _parts_of(table["parts"], shard) if parts else None
         return (np.concatenate(invalid) if invalid else None), part_codes
 
-    def _scan_ids(self, run: RunRecord, entry: ShardEntry, spec: str) -> tuple[np.ndarray, pa.Table, np.ndarray]:
-        """(local rows of `spec`, their source/model_id/revision, whether each is searchable by status)."""
+    def _scan_ids(
+        self, run: RunRecord, entry: ShardEntry, spec: str
+    ) -> tuple[np.ndarray, pa.Table, np.ndarray, np.ndarray]:
+        """(local rows of `spec`, their source and model_id, their key hashes, whether each is searchable).
+
+        The key hashes are computed here, in the reading thread, shards in parallel.
+        """
         table = self._read_shard_columns(run.run_id, entry.path, entry.rows, _ID_COLUMNS, dictionary=True)
         rows = np.flatnonzero(_is_in(table["spec"], [spec]))
-        table = table.select(["source", "model_id", "revision", "status"])
+        table = table.select(["source", "model_id", "status"])
         if len(rows) < table.num_rows:  # a shard of one spec keeps Parquet's buffers, uncopied
             table = table.take(pa.array(rows))
         ok = _is_in(table["status"], SEARCHABLE)
-        return rows, table.select(["source", "model_id", "revision"]), ok
+        return rows, table.select(["source", "model_id"]), _key_hashes(table["source"], table["model_id"]), ok
 
     def _read_shard_columns(
-        self, run_id: str, path: str, rows: int, columns: Sequence[str], *, dictionary: bool = False
+        self,
+        run_id: str,
+        path: str,
+        rows: int,
+        columns: Sequence[str],
+        *,
+        dictionary: bool = False,
+        take: np.ndarray | None = None,
     ) -> pa.Table:
         run = next((r for r in self.runs if r.run_id == run_id), None)
         if run is None:
@@ -298,7 +422,9 @@ class IndexReader:
             for c in columns
         ]
         read_dictionary = [c for c in columns if c in _DICTIONARY_COLUMNS] if dictionary else ()
-        return self._read_shard(run, ShardEntry(path, rows), pa.schema(fields), read_dictionary=read_dictionary)
+        return self._read_shard(
+            run, ShardEntry(path, rows), pa.schema(fields), read_dictionary=read_dictionary, take=take
+        )
 
     @staticmethod
     def _map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -363,8 +489,15 @@ class IndexReader:
         return table.select(columns)
 
     def _read_shard(
-        self, run: RunRecord, shard: ShardEntry, schema: pa.Schema, *, read_dictionary: Sequence[str] = ()
+        self,
+        run: RunRecord,
+        shard: ShardEntry,
+        schema: pa.Schema,
+        *,
+        read_dictionary: Sequence[str] = (),
+        take: np.ndarray | None = None,
     ) -> pa.Table:
+        """The shard's `schema` columns (only rows `take`, ascending and distinct, when given)."""
         path = store.join(self._base, shard.path)
         where = f"shard {shard.path} of run {run.run_id} in {self.index_uri}"
         if not store.exists(self._fs, path):
@@ -381,12 +514,36 @@ class IndexReader:
                 missing = [n for n in schema.names if n not in pf.schema_arrow.names]
                 if missing:
                     raise ModelIndexError(f"{where} lacks columns {missing}")
-                table = pf.read(columns=schema.names)
+                table = pf.read(columns=schema.names) if take is None else _read_rows(pf, take, schema.names)
             return table.cast(schema)
         except ModelIndexError:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise ModelIndexError(f"{where} is unreadable: {exc}") from exc
+
+
+def _read_rows(pf: pq.ParquetFile, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    """Rows `rows` (ascending, distinct) of a Parquet file; only the row groups holding them are read."""
+    meta = pf.metadata
+    sizes = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    group = np.searchsorted(ends, rows, side="right")
+    needed = np.unique(group)
+    table = pf.read_row_groups(needed.tolist(), columns=list(columns))
+    # Where each needed group starts in `table`, then each row's place in it.
+    starts = np.concatenate([[0], np.cumsum(sizes[needed])[:-1]])
+    position = rows - (ends[group] - sizes[group]) + starts[np.searchsorted(needed, group)]
+    return table.take(pa.array(position))
+
+
+def _keep_rows(plan: CodePlan, valid: np.ndarray) -> CodePlan:
+    """The plan without the rows where `valid` (one flag per planned row) is False; offsets recounted."""
+    shards, offset = [], 0
+    for shard in plan.shards:
+        keep = shard.local_rows()[valid[shard.offset : shard.offset + len(shard)]]
+        shards.append(ShardRows.of(shard.run_id, shard.path, shard.rows, keep, offset))
+        offset += len(keep)
+    return dataclasses.replace(plan, shards=tuple(shards))
 
 
 def _latest(table: pa.Table, keys: list[str]) -> pa.Table:
@@ -443,7 +600,7 @@ def _is_in(column: pa.ChunkedArray, values: Sequence[str]) -> np.ndarray:
     return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
-def _last_of_key(source: pa.ChunkedArray, model_id: pa.ChunkedArray) -> np.ndarray:
+def _last_of_key(source: pa.ChunkedArray, model_id: pa.ChunkedArray, hashes: np.ndarray) -> np.ndarray:
     """Whether each row is the last of its (source, model_id) key: what `_latest` keeps, at 10M rows.
 
     A 64-bit hash per row finds the rows whose hash repeats; only those (re-crawled models, and any
@@ -453,7 +610,6 @@ def _last_of_key(source: pa.ChunkedArray, model_id: pa.ChunkedArray) -> np.ndarr
     last = np.ones(n, dtype=bool)
     if n < 2:
         return last
-    hashes = _key_hashes(source, model_id)
     ordered = np.sort(hashes)
     repeats = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     if not len(repeats):
@@ -508,7 +664,7 @@ def _fnv() -> ModuleType:
 
 def _parts_of(column: pa.ChunkedArray, shard: ShardRows) -> PartCodes:
     """The kept rows' per-block codes; `row` counts from the shard's offset."""
-    lists = column.take(pa.array(shard.keep)).combine_chunks()
+    lists = (column if shard.keep is None else column.take(pa.array(shard.keep))).combine_chunks()
     if len(lists) == 0:
         return _no_parts()
     parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -29,10 +29,12 @@ def similarity(distance: int, bits: int) -> float:
 def rank(indexed: Codes, code: bytes, spec: Spec, k: int = 10, max_distance: int | None = None) -> list[Match]:
     """The `k` nearest indexed models (ties by index order), within `max_distance` when given."""
     rows, dists = top_k(indexed.codes, as_words(code), k, max_distance=max_distance)
+    found = indexed.identities(rows).to_pylist()  # only the k matches' identities, read from their shards
     matches = []
-    for i, d in zip(rows, dists, strict=True):
-        source, model_id, revision = indexed.identity(i)
+    for who, d in zip(found, dists, strict=True):
         dist = int(d)
         score = round(similarity(dist, spec.bits), 4)
-        matches.append(Match(source, model_id, revision, dist, score, spec.thresholds.verdict(dist)))
+        matches.append(
+            Match(who["source"], who["model_id"], who["revision"], dist, score, spec.thresholds.verdict(dist))
+        )
     return matches

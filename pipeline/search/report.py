@@ -1,0 +1,295 @@
+"""The sweep report: candidate pairs as Parquet rows, and a summary of them as JSON and Markdown.
+
+`write_report` streams a sweep's hits into the Parquet file batch by batch (a batch: some query codes'
+hits of every kind). The matched models' identities are read from the index for the rows that matched
+only, once per batch (`Codes.identities`: one read per shard touched); `pairs_table` then builds a batch's
+rows, the one place that knows the report's columns; the batch is counted into a `SweepSummary`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.hashing.spec import Spec
+from pipeline.index.reader import IDENTITY, CodePlan, Codes
+from pipeline.search import hamming
+from pipeline.search.sweep import PARTS, Hits
+
+REPORT_SCHEMA = pa.schema(
+    [
+        ("query_source", pa.string()),
+        ("query_model_id", pa.string()),
+        ("query_revision", pa.string()),
+        ("part", pa.string()),  # the protected model's block, null for its whole-model code
+        ("match_source", pa.string()),
+        ("match_model_id", pa.string()),
+        ("match_revision", pa.string()),
+        ("match_part", pa.string()),  # the indexed model's block, null for its whole-model code
+        ("distance", pa.int32()),
+        ("similarity", pa.float64()),
+        ("verdict", pa.string()),
+        ("rank", pa.int32()),  # 1 = nearest, per protected code and kind of match
+        ("same_model", pa.bool_()),  # the protected model itself (same source and model_id) in the index
+    ]
+)
+TOP = 20  # pairs listed in the summary
+
+
+@dataclass
+class Protected:
+    """The protected models' codes, flattened: query code i belongs to model `owner[i]`, block `part[i]`."""
+
+    source: list[str] = field(default_factory=list)
+    model_id: list[str] = field(default_factory=list)
+    revision: list[str | None] = field(default_factory=list)
+    codes: list[bytes] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)
+    part: list[str | None] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def models(self) -> int:
+        return len(self.model_id)
+
+    def add(
+        self, source: str, model_id: str, revision: str | None, code: bytes, parts: Iterable[tuple[str, bytes]]
+    ) -> None:
+        m = self.models
+        self.source.append(source)
+        self.model_id.append(model_id)
+        self.revision.append(revision)
+        for name, c in [(None, code), *parts]:
+            hamming.as_words(c)  # a code of another length is refused here, not matched wrongly
+            self.codes.append(bytes(c))
+            self.owner.append(m)
+            self.part.append(name)
+
+    def words(self) -> np.ndarray:
+        """(Q, 4) uint64 query codes."""
+        if not self.codes:
+            return np.empty((0, hamming.WORDS), dtype=np.uint64)
+        return np.frombuffer(b"".join(self.codes), dtype=np.uint64).reshape(-1, hamming.WORDS)
+
+    def columns(self) -> QueryColumns:
+        """The query side as arrays, per query code."""
+        owner = np.asarray(self.owner, dtype=np.int64)
+        return QueryColumns(
+            source=np.asarray(self.source, dtype=object)[owner],
+            model_id=np.asarray(self.model_id, dtype=object)[owner],
+            revision=np.asarray(self.revision, dtype=object)[owner],
+            part=np.asarray(self.part, dtype=object),
+            owner=owner,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueryColumns:
+    """Per query code: its model's identity, its block (None: the whole-model code), its model's number."""
+
+    source: np.ndarray
+    model_id: np.ndarray
+    revision: np.ndarray
+    part: np.ndarray
+    owner: np.ndarray
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep found and what it cost; written beside the report as JSON and Markdown."""
+
+    protected: str
+    index: str
+    spec: str
+    report: str
+    k: int
+    max_distance: int
+    ray: bool
+    protected_models: int = 0
+    query_codes: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    index_codes: int = 0
+    index_parts: int = 0
+    pairs: int = 0
+    by_verdict: dict[str, int] = field(default_factory=dict)  # pairs of different models
+    same_model: int = 0
+    flagged_models: int = 0  # distinct (protected, indexed) model pairs with a copy or related verdict
+    top: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        verdicts = ", ".join(f"{n} {v}" for v, n in sorted(self.by_verdict.items())) or "no pairs"
+        return (
+            f"{self.protected_models} protected models ({len(self.failed)} failed) against {self.index_codes} "
+            f"codes: {verdicts}; {self.flagged_models} flagged model pairs "
+            f"({self.seconds.get('total', 0):.1f} s; report {self.report})"
+        )
+
+    def markdown(self) -> str:
+        lines = [
+            f"# Sweep of {self.protected} against {self.index}",
+            "",
+            f"- spec `{self.spec}`, k = {self.k}, max distance {self.max_distance} bits",
+            f"- {self.protected_models} protected models ({self.query_codes} codes, {len(self.failed)} failed), "
+            f"{self.index_codes} indexed codes and {self.index_parts} block codes",
+            f"- {self.pairs} pairs: " + (", ".join(f"{n} {v}" for v, n in sorted(self.by_verdict.items())) or "none")
+            + f" (and {self.same_model} of a model with itself)",
+            f"- {self.flagged_models} flagged model pairs; "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()),
+        ]
+        if self.top:
+            lines += ["", "| protected | block | indexed | block | distance | verdict |", "|---|---|---|---|---|---|"]
+            for t in self.top:
+                lines.append(
+                    f"| {t['query_model_id']} | {t['part'] or ''} | {t['match_model_id']} | "
+                    f"{t['match_part'] or ''} | {t['distance']} | {t['verdict']} |"
+                )
+        for f in self.failed:
+            lines.append(f"- failed: {f['model']}: {f['error']}")
+        return "\n".join(lines) + "\n"
+
+
+def tiles_of(hits: dict[str, Hits], n: int, tile: int) -> Iterator[tuple[slice, dict[str, Hits]]]:
+    """Hits of `n` queries (all in memory, as a Ray sweep merges them) in batches of `tile` queries."""
+    for q0 in range(0, n, tile):
+        part = slice(q0, min(q0 + tile, n))
+        yield part, {kind: Hits(h.kind, h.distance[part], h.key[part], h.name[part]) for kind, h in hits.items()}
+
+
+def pairs_table(
+    kind: str, hits: Hits, first_query: int, queries: QueryColumns, matched: pa.Table, spec: Spec
+) -> pa.Table:
+    """The report rows of one kind of hits, one per found slot in row-major order.
+
+    Args:
+        kind: WHOLE or PARTS.
+        hits: the hits of queries `first_query`, `first_query + 1`, ...
+        queries: the query side (`Protected.columns()`).
+        matched: the identity (IDENTITY columns) of each found slot's index row, in the same order.
+    """
+    found = hits.key != hamming.NO_MATCH
+    qi, slot = np.nonzero(found)
+    qi = qi + first_query
+    dist = hits.distance[found].astype(np.int32)
+    verdicts = _verdicts(spec)
+    m_source, m_model, m_revision = (matched[c].to_numpy(zero_copy_only=False) for c in IDENTITY)
+    same = (queries.source[qi] == m_source) & (queries.model_id[qi] == m_model)
+    return pa.table(
+        {
+            "query_source": queries.source[qi],
+            "query_model_id": queries.model_id[qi],
+            "query_revision": queries.revision[qi],
+            "part": queries.part[qi],
+            "match_source": m_source,
+            "match_model_id": m_model,
+            "match_revision": m_revision,
+            "match_part": hits.name[found] if kind == PARTS else np.full(len(qi), None, dtype=object),
+            "distance": dist,
+            "similarity": 1.0 - dist / spec.bits,
+            "verdict": verdicts[dist],
+            "rank": (slot + 1).astype(np.int32),
+            "same_model": np.asarray(same, dtype=bool),
+        },
+        schema=REPORT_SCHEMA,
+    )
+
+
+def write_report(
+    out: str,
+    tiles: Iterable[tuple[slice, dict[str, Hits]]],
+    queries: Protected,
+    index: Codes | CodePlan,
+    spec: Spec,
+    summary: SweepSummary,
+) -> None:
+    """Stream the pairs into `out` (Parquet, zstd), batch by batch, and count them into `summary`.
+
+    Args:
+        tiles: (query slice, hits of those queries by kind) batches, in query order.
+        index: the searched index's rows (hits' row numbers count in it), whose identities are read
+            for the matched rows only, once per batch.
+
+    Raises:
+        ModelIndexError: a shard of the index went missing or unreadable since it was loaded.
+    """
+    q = queries.columns()
+    counts: dict[str, int] = {}
+    flagged: set[tuple[int, int]] = set()
+    top: list[tuple[int, str, dict[str, Any]]] = []
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(out, REPORT_SCHEMA, compression="zstd") as writer:
+        for tile, hits in tiles:
+            rows = {kind: h.rows[h.key != hamming.NO_MATCH] for kind, h in hits.items()}
+            every = np.concatenate(list(rows.values())) if rows else np.empty(0, np.int64)
+            if not every.size:
+                continue
+            # One identity read for the whole batch, both kinds: shards touched once.
+            unique, back = np.unique(every, return_inverse=True)
+            identities = index.identities(unique, IDENTITY)
+            start = 0
+            for kind, h in hits.items():
+                n = len(rows[kind])
+                if not n:
+                    continue
+                matched = identities.take(pa.array(back[start : start + n]))
+                start += n
+                table = pairs_table(kind, h, tile.start, q, matched, spec)
+                writer.write_table(table)
+                qi = np.nonzero(h.key != hamming.NO_MATCH)[0] + tile.start
+                top = _count(summary, table, q.owner[qi], rows[kind], spec, counts, flagged, top)
+    summary.by_verdict = counts
+    summary.flagged_models = len(flagged)
+    summary.top = [
+        {key: t[2][key] for key in ("query_model_id", "part", "match_model_id", "match_part", "distance", "verdict")}
+        for t in top
+    ]
+
+
+def write_summary(summary: SweepSummary) -> tuple[Path, Path]:
+    """Write the summary beside its report: `<report>.summary.json` and `.summary.md` (`.parquet` dropped)."""
+    base = summary_base(summary.report)
+    as_json, as_md = Path(f"{base}.summary.json"), Path(f"{base}.summary.md")
+    as_json.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    as_md.write_text(summary.markdown())
+    return as_json, as_md
+
+
+def summary_base(out: str) -> str:
+    return out[: -len(".parquet")] if out.endswith(".parquet") else out
+
+
+def _verdicts(spec: Spec) -> np.ndarray:
+    return np.array([spec.thresholds.verdict(d) for d in range(hamming.BITS + 1)], dtype=object)
+
+
+def _count(
+    summary: SweepSummary,
+    table: pa.Table,
+    owner: np.ndarray,
+    rows: np.ndarray,
+    spec: Spec,
+    counts: dict[str, int],
+    flagged: set[tuple[int, int]],
+    top: list[tuple[int, str, dict[str, Any]]],
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """Count one batch's pairs into `summary`, `counts` (by verdict) and `flagged`; return the new top list."""
+    same = table["same_model"].to_numpy()
+    dist = table["distance"].to_numpy()
+    summary.pairs += table.num_rows
+    summary.same_model += int(same.sum())
+    other = ~same
+    verdicts = _verdicts(spec)
+    for v, n in zip(*np.unique(verdicts[dist][other].astype(str), return_counts=True), strict=True):
+        counts[str(v)] = counts.get(str(v), 0) + int(n)
+    hit = other & (dist <= spec.thresholds.related)
+    flagged.update(zip(owner[hit].tolist(), rows[hit].tolist(), strict=True))
+    for j in np.flatnonzero(hit)[:TOP]:
+        top.append((int(dist[j]), str(table["query_model_id"][j]), table.slice(int(j), 1).to_pylist()[0]))
+    return sorted(top, key=lambda t: (t[0], t[1]))[:TOP]
