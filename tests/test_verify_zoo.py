@@ -1,0 +1,85 @@
+"""The verification benchmark's tiny zoo: relations, comparison pairs, and students that share no weights."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from bench.verify_zoo import FRESH_KINDS, build_verify_zoo, comparisons, load_zoo_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify_zoo")
+    return root, build_verify_zoo(root, size="tiny", log=lambda _: None)
+
+
+def test_manifest_relations_and_files(tiny):
+    root, manifest = tiny
+    models = manifest["models"]
+    by_name = {m["name"]: m for m in models}
+    for m in models:
+        assert (root / m["name"] / m["file"]).is_file()
+        assert json.loads((root / m["name"] / "config.json").read_text())["model_type"] == m["arch"]
+        if m["relation"] == "original":
+            assert m["lineage"] == m["name"]
+        elif m["relation"] == "pirated":
+            assert by_name[m["lineage"]]["relation"] == "original"
+        else:
+            assert m["relation"] in ("homolog", "unrelated") and m["lineage"] is None
+    kinds = Counter(m["kind"] for m in models)
+    assert kinds["original"] == 3 and kinds["distill"] == kinds["extract"] == kinds["distill-xarch"] == 3
+    assert kinds["homolog-half"] == 4 and kinds["task-ge5"] == 2
+    # The cross-architecture students are of another architecture than their teachers.
+    assert all(m["arch"] != by_name[m["lineage"]]["arch"] for m in models if m["kind"] == "distill-xarch")
+    seeds = np.load(root / manifest["seeds"])
+    assert seeds.shape == (450, 64) and seeds.dtype == np.float32
+    assert build_verify_zoo(root, size="tiny", log=lambda _: None) == manifest  # cached
+
+
+def test_comparison_pairs(tiny):
+    _, manifest = tiny
+    pairs = comparisons(manifest)
+    rel = Counter((src["name"], relation) for src, _, relation, _ in pairs)
+    # mlp-s0: 9 copies; homologs: mlp-s1, its copies of the mlp architecture, h10, two halves, the
+    # mlp student of cnn-s0; unrelated: cnn-s0 and the 4 other-task models.
+    assert rel["mlp-s0", "pirated"] == 9
+    assert rel["mlp-s0", "unrelated"] == 5
+    assert rel["mlp-s0", "homolog"] == 1 + 8 + 1 + 2 + 1
+    for src, suspect, relation, _ in pairs:
+        assert suspect is not src
+        if relation == "pirated":
+            assert suspect["lineage"] == src["name"]
+        if relation == "homolog":
+            assert suspect["arch"] == src["arch"] and suspect["lineage"] != src["name"]
+
+
+def test_students_learn_the_task_and_share_no_weights(tiny):
+    root, manifest = tiny
+    models = manifest["models"]
+    by_name = {m["name"]: m for m in models}
+    students = [m for m in models if m["kind"] in FRESH_KINDS]
+    assert len(students) == 9
+    for m in students:
+        assert m["accuracy"] > 0.85, m
+        teacher = by_name[m["lineage"]]
+        assert m["accuracy"] > teacher["accuracy"] - 0.1
+        if m["arch"] != teacher["arch"]:
+            continue
+        a = load_zoo_model(root, m).state_dict()
+        b = load_zoo_model(root, teacher).state_dict()
+        for key, wa in a.items():
+            if wa.is_floating_point() and wa.ndim >= 2:  # weight matrices and kernels: fresh, uncorrelated
+                corr = torch.corrcoef(torch.stack([wa.flatten(), b[key].flatten()]))[0, 1]
+                assert abs(float(corr)) < 0.2, (m["name"], key, float(corr))
+    # The weight-keeping copies do share their original's weights.
+    pruned = next(m for m in models if m["kind"] == "prune50")
+    a = load_zoo_model(root, pruned).state_dict()
+    b = load_zoo_model(root, by_name[pruned["lineage"]]).state_dict()
+    keep = a["fc1.weight" if pruned["arch"] == "mlp" else "conv1.weight"] != 0
+    key = "fc1.weight" if pruned["arch"] == "mlp" else "conv1.weight"
+    assert torch.equal(a[key][keep], b[key][keep])
