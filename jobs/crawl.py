@@ -43,6 +43,7 @@ class CrawlSummary:
     source: str
     index: str
     spec: str
+    root: str | None = None  # a local source's absolute path: index rows' model_ids are relative to it
     runs: list[str] = field(default_factory=list)
     seen: int = 0
     skipped: int = 0
@@ -229,7 +230,7 @@ def crawl(
     started = time.perf_counter()
     chosen = get_spec(spec)
     state = load_state(index, source_name(source), chosen.name)
-    summary = CrawlSummary(source=source, index=index, spec=chosen.name)
+    summary = CrawlSummary(source=source, index=index, spec=chosen.name, root=_local_root(source))
     committer = _Committer(index, summary, checkpoint_rows)
     bar = tqdm(desc="crawl", unit="model", disable=not progress, file=sys.stderr)
     scheduler: _Scheduler | None = None
@@ -266,6 +267,13 @@ def crawl(
     if summary.interrupted:
         raise KeyboardInterrupt(summary.line())
     return summary
+
+
+def _local_root(source: str) -> str | None:
+    """The absolute path of a local source (stage 2 finds a local row's model from it), else None."""
+    if source_name(source) != "local":
+        return None
+    return os.path.abspath(source.removeprefix("file://"))
 
 
 def _start_scheduler(

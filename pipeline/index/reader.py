@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import ModelIndexError
 from pipeline.index import store
 from pipeline.index.schema import CODE_BYTES, SCHEMA, STATUS_DUPLICATE, STATUS_OK
+from pipeline.index.uris import crawled_root, model_uri
 from pipeline.index.writer import RUNS_DIR, RunRecord, ShardEntry
 
 KEY = ("source", "model_id", "spec")  # one row per model and spec; the latest wins
@@ -128,6 +129,38 @@ class CodePlan:
         row = self.identities([i]).to_pylist()[0]
         return row["source"], row["model_id"], row["revision"]
 
+    def run_ids(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The run that wrote each of `rows` (no read: the plan knows each row's shard).
+
+        Raises:
+            IndexError: a row outside 0..len - 1.
+        """
+        wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
+            raise IndexError(f"rows out of range: the plan of {self.spec} has {len(self)} rows")
+        offsets = np.array([s.offset for s in self.shards], dtype=np.int64)
+        # An empty shard shares its offset with the next one; the last shard starting at or before a row holds it.
+        shard_of = np.searchsorted(offsets, wanted, side="right") - 1
+        return [self.shards[i].run_id for i in shard_of.tolist()]
+
+    def uris(self, rows: Sequence[int] | np.ndarray | None = None) -> list[str | None]:
+        """The URI that loads each of `rows` (default: all rows), for stage 2 (`pipeline.index.uris`).
+
+        `hf://org/name@revision` and `s3://bucket/prefix` from the identity; a local row's path is its
+        run's crawled root joined with its model_id. None where no URI can be told (a local row whose run
+        recorded no root). Reads the rows' identities (see `identities`).
+        """
+        wanted = np.arange(len(self), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        ids = self.identities(wanted)
+        roots = {run.run_id: crawled_root(run.summary) for run in self.reader.runs}
+        return [
+            model_uri(source, model_id, revision, root=roots.get(run))
+            for source, model_id, revision, run in zip(
+                ids["source"].to_pylist(), ids["model_id"].to_pylist(), ids["revision"].to_pylist(),
+                self.run_ids(wanted), strict=True,
+            )
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class Codes:
@@ -162,6 +195,10 @@ class Codes:
     def identity(self, i: int) -> tuple[str, str, str | None]:
         """(source, model_id, revision) of row `i`. Reads a shard: for many rows, use `identities`."""
         return self.plan.identity(i)
+
+    def uris(self, rows: Sequence[int] | np.ndarray | None = None) -> list[str | None]:
+        """The URI that loads each of `rows` (default: all rows); see `CodePlan.uris`."""
+        return self.plan.uris(rows)
 
 
 class IndexReader:
