@@ -4,11 +4,22 @@ Run as `modelhash sweep PROTECTED --index INDEX --out REPORT`, `python -m jobs.s
 `ray job submit -- python -m jobs.sweep ...`. PROTECTED is a folder of models, a text file listing one
 model URI per line, or another index. Every protected code (whole-model and per-block) is searched
 against every code of the index (whole-model and per-block), so a backbone reused under a new head is
-found through its block. Stage 1 only: candidates by Hamming distance, with the spec's verdicts.
+found through its block. Stage 1: candidates by Hamming distance, with the spec's verdicts.
 
-Without `--ray-address` (or RAY_ADDRESS) the protected models are hashed and the index scanned in this
-process, on all its cores. With it, both run on the Ray cluster: each scan task reads a few shards of
-the index and returns its per-query top-k; the driver merges them, exactly as one scan would rank them.
+Stage 2 (unless `--no-verify`): the candidate model pairs (a whole-model or per-block pair within
+`--verify-max-distance` bits, the spec's `related` distance by default; never a model with itself) are
+verified by behaviour, nearest first, at most `--verify-max-pairs` of them. Part matches are candidates
+too: a backbone reused under a new head is found only through its block, and `ddv` (in `--verify-method
+all`) compares models whose label spaces differ. The pairs are grouped by protected model; each group is
+one unit of work that loads the protected model and builds its probe once, then loads and judges each
+candidate. A model that cannot load or run gives an `error` verdict with the reason; its pairs keep their
+stage-1 verdict, and the sweep goes on.
+
+Without `--ray-address` (or RAY_ADDRESS) the protected models are hashed, the index scanned and the
+candidates verified in this process, on all its cores. With it, all three run on the Ray cluster: each
+scan task reads a few shards of the index and returns its per-query top-k; the driver merges them,
+exactly as one scan would rank them; each verify task takes one protected model's group, on a GPU
+(`num_gpus=1`, device cuda) when the cluster has GPUs.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,15 +45,32 @@ from pipeline.errors import ModelhashError, ModelIndexError, SourceError
 from pipeline.hashing import Spec, get_spec
 from pipeline.hashing.model import HashResult, hash_model
 from pipeline.index.reader import CodePlan, Codes, IndexReader, ShardRows
+from pipeline.index.uris import model_uri
 from pipeline.refs import ModelRef, is_checkpoint_name
 from pipeline.search import hamming
-from pipeline.search.report import Protected, SweepSummary, tiles_of, write_report, write_summary
+from pipeline.search.report import (
+    Candidate,
+    Protected,
+    Stage2,
+    SweepSummary,
+    apply_stage2,
+    tiles_of,
+    write_report,
+    write_summary,
+)
 from pipeline.search.sweep import PARTS, WHOLE, Hits, Target, empty_hits, merge, search
 from pipeline.settings import Settings
 from pipeline.sources import list_models
 
+if TYPE_CHECKING:
+    from pipeline.verify.behavior import Verdict
+
 QUERY_TILE = 4096  # query codes per local pass over the index: the unit of streaming and progress
 SCAN_RETRIES = 3  # a scan task lost with its worker is re-run
+VERIFY_METHODS = ("agreement", "distance", "ddv")  # what `--verify-method all` runs, in this order
+VERIFY_MAX_PAIRS = 1000  # candidate model pairs verified per sweep, nearest first
+VERIFY_RETRIES = 1  # a verify task lost with its worker (out of memory on a big model) is re-run once
+POLL_SECONDS = 1.0
 
 
 def sweep(
@@ -57,8 +85,14 @@ def sweep(
     ray_address: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    verify: bool = True,
+    verify_method: str = "agreement",
+    verify_max_pairs: int = VERIFY_MAX_PAIRS,
+    verify_max_distance: int | None = None,
+    verify_timeout: float | None = None,
 ) -> SweepSummary:
-    """Search every protected code against `index`; write the pairs to `out` (Parquet) and a summary.
+    """Search every protected code against `index`, verify the candidates by behaviour; write the pairs
+    to `out` (Parquet) and a summary.
 
     Args:
         protected: a folder of models, a file listing model URIs (one per line, `#` comments), or an index.
@@ -68,7 +102,15 @@ def sweep(
         max_distance: only pairs within this many bits (default: the spec's `related` threshold).
         parts: also search per-block codes.
         ray_address: run on this Ray cluster (`auto`, `host:port`); None: in this process.
-        device: "cpu", "cuda", or None (CUDA when torch sees a GPU).
+        device: "cpu", "cuda", or None (CUDA when torch sees a GPU): the scan, and stage 2 in this process.
+        verify: run stage 2 on the candidate model pairs.
+        verify_method: "agreement", "distance", "ddv", or "all" (those three; the first that can compare
+            a pair gives its verdict).
+        verify_max_pairs: verify at most this many candidate model pairs, nearest first; the others are
+            reported as not verified.
+        verify_max_distance: candidates are model pairs with a pair within this many bits (default: the
+            spec's `related` threshold).
+        verify_timeout: on Ray, seconds per protected model's task; its unfinished pairs become errors.
 
     Raises:
         ModelIndexError: the index is missing, corrupt, or holds no code of the spec.
@@ -79,9 +121,16 @@ def sweep(
     k = hamming._check_k(k)
     max_distance = chosen.thresholds.related if max_distance is None else max_distance
     hamming._check_max_distance(max_distance)
+    methods = verify_methods(verify_method)
+    if verify_max_pairs < 0:
+        raise ValueError(f"verify_max_pairs must be >= 0, got {verify_max_pairs}")
+    within = None
+    if verify:
+        within = chosen.thresholds.related if verify_max_distance is None else verify_max_distance
+        hamming._check_max_distance(within)
     summary = SweepSummary(
         protected=protected, index=index, spec=chosen.name, report=out, k=k, max_distance=max_distance,
-        ray=ray_address is not None,
+        ray=ray_address is not None, verify_method=verify_method if verify else None,
     )
     reader = IndexReader(index)  # a missing index fails before any model is hashed
     if ray_address is not None:
@@ -108,9 +157,17 @@ def sweep(
         summary.seconds["load"] = time.perf_counter() - tick
         tiles = _scan_locally(searched, words, k, max_distance, parts, device, progress)
     tick = time.perf_counter()
-    write_report(out, tiles, queries, searched, chosen, summary)
+    candidates = write_report(out, tiles, queries, searched, chosen, summary, candidates_within=within)
     if ray_address is None:
         summary.seconds["scan"] = time.perf_counter() - tick
+    if verify:
+        tick = time.perf_counter()
+        stage2 = verify_pairs(
+            candidates, queries, searched, methods, max_pairs=verify_max_pairs, use_ray=ray_address is not None,
+            device=device, timeout_s=verify_timeout, progress=progress,
+        )
+        apply_stage2(out, stage2, summary)
+        summary.seconds["verify"] = time.perf_counter() - tick
     summary.seconds["total"] = time.perf_counter() - started
     summary.seconds = {key: round(v, 3) for key, v in summary.seconds.items()}
     write_summary(summary)
@@ -130,10 +187,12 @@ def load_protected(protected: str, spec: Spec, *, use_ray: bool = False, progres
         _add_indexed(out, codes)
         return out
     items: list[ModelRef | str]
+    root: str | None = None  # a listed local folder: its models' ids are relative to it
     if os.path.isfile(protected) and not is_checkpoint_name(protected):
         items = _read_list(protected)
     elif os.path.exists(protected) or "://" in protected:
         items = list(list_models(protected))
+        root = os.path.abspath(protected.removeprefix("file://")) if "://" not in protected else None
     else:
         raise SourceError(f"{protected}: no such folder, list file or index")
     results = _hash_all(items, spec.name, use_ray, progress)
@@ -142,8 +201,85 @@ def load_protected(protected: str, spec: Spec, *, use_ray: bool = False, progres
             out.failed.append({"model": item if isinstance(item, str) else item.model_id, "error": result})
         else:
             r = result.ref
-            out.add(r.source, r.model_id, r.revision, result.code.code, result.code.parts)
+            if isinstance(item, str):  # a listed URI loads the model again; a path from any working directory
+                uri: str | None = item if "://" in item else os.path.abspath(item)
+            else:
+                uri = model_uri(r.source, r.model_id, r.revision, root=root)
+            out.add(r.source, r.model_id, r.revision, result.code.code, result.code.parts, uri)
     return out
+
+
+def verify_methods(method: str) -> tuple[str, ...]:
+    """The pair methods `--verify-method` names: one of VERIFY_METHODS, or `all` of them.
+
+    Raises:
+        ValueError: another name.
+    """
+    if method == "all":
+        return VERIFY_METHODS
+    if method not in VERIFY_METHODS:
+        raise ValueError(f"unknown verify method {method!r} (expected one of {', '.join(VERIFY_METHODS)} or all)")
+    return (method,)
+
+
+def verify_pairs(
+    candidates: list[Candidate],
+    queries: Protected,
+    index: Codes | CodePlan,
+    methods: tuple[str, ...],
+    *,
+    max_pairs: int = VERIFY_MAX_PAIRS,
+    use_ray: bool = False,
+    device: str | None = None,
+    timeout_s: float | None = None,
+    progress: bool = True,
+) -> list[tuple[Candidate, Stage2]]:
+    """Stage 2: the nearest `max_pairs` candidates verified by behaviour, one group per protected model.
+
+    Never raises for a model: one that has no URI, cannot load or cannot run, and a task that fails or
+    times out, give an `error` answer with the reason. Candidates beyond `max_pairs` get an answer with
+    no verdict and the reason.
+
+    Returns:
+        (candidate, answer) for every candidate, in the order given.
+    """
+    chosen, rest = candidates[:max_pairs], candidates[max_pairs:]
+    answers: dict[tuple[int, int], Stage2] = {}
+    skipped = Stage2(
+        None, reason=f"not verified: {len(candidates)} candidate pairs, the nearest {max_pairs} verified "
+        "(--verify-max-pairs)"
+    )
+    for c in rest:
+        answers[(c.owner, c.row)] = skipped
+    rows = sorted({c.row for c in chosen})
+    uri_of = dict(zip(rows, index.uris(rows), strict=True)) if rows else {}
+    groups: dict[int, list[Candidate]] = {}
+    for c in chosen:
+        groups.setdefault(c.owner, []).append(c)
+    work: list[tuple[str, list[Candidate]]] = []  # (protected URI, its candidates that have a URI)
+    for owner, group in groups.items():
+        source = queries.uri[owner]
+        if source is None:
+            name = queries.model_id[owner]
+            reason = f"protected model {name}: no URI to load it from (its index run recorded no root)"
+            answers.update({(c.owner, c.row): Stage2("error", reason=reason) for c in group})
+            continue
+        located = []
+        for c in group:
+            if uri_of[c.row] is None:
+                reason = f"{c.key[3]}: no URI to load it from (its index run recorded no root; crawl it again)"
+                answers[(c.owner, c.row)] = Stage2("error", reason=reason)
+            else:
+                located.append(c)
+        if located:
+            work.append((source, located))
+    total = sum(len(g) for _, g in work)
+    with tqdm(total=total, desc="verifying", unit="pair", disable=not progress, file=sys.stderr) as bar:
+        run = _verify_on_ray if use_ray else _verify_locally
+        for (_, group), verdicts in zip(work, run(work, uri_of, methods, device, timeout_s, bar), strict=True):
+            for c, got in zip(group, verdicts, strict=True):
+                answers[(c.owner, c.row)] = got
+    return [(c, answers[(c.owner, c.row)]) for c in candidates]
 
 
 def hash_item(item: ModelRef | str, spec_name: str) -> HashResult | str:
@@ -205,8 +341,9 @@ def _add_indexed(out: Protected, codes: Codes) -> None:
             by_row.setdefault(row, []).append((name, words.tobytes()))
     ids = codes.identities()  # every row: the protected set is all of this index
     source, model_id, revision = (ids[c].to_pylist() for c in ("source", "model_id", "revision"))
+    uris = codes.uris()
     for i in range(len(codes)):
-        out.add(source[i], model_id[i], revision[i], codes.codes[i].tobytes(), by_row.get(i, []))
+        out.add(source[i], model_id[i], revision[i], codes.codes[i].tobytes(), by_row.get(i, []), uris[i])
 
 
 def _hash_all(items: list[ModelRef | str], spec_name: str, use_ray: bool, progress: bool) -> list[HashResult | str]:
@@ -250,6 +387,101 @@ def _scan_task() -> Any:
     import ray
 
     return ray.remote(num_cpus=1, max_retries=SCAN_RETRIES)(scan_shards)
+
+
+def _answer(verdicts: list[Verdict]) -> Stage2:
+    """A pair's answer: the first method that could compare it leads; every method's answer kept."""
+    lead = next((v for v in verdicts if v.verdict != "error"), verdicts[0])
+    every = tuple({"method": v.method, "verdict": v.verdict, "score": v.score, "reason": v.reason} for v in verdicts)
+    return Stage2(lead.verdict, lead.method, lead.score, lead.reason, every)
+
+
+def _verify_locally(
+    work: list[tuple[str, list[Candidate]]],
+    uri_of: dict[int, str | None],
+    methods: tuple[str, ...],
+    device: str | None,
+    timeout_s: float | None,
+    bar: tqdm,
+) -> Iterator[list[Stage2]]:
+    """Each group in this process, in order (no timeout: nothing to cancel a group with here)."""
+    from pipeline.verify.candidates import verify_candidates
+
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for source, group in work:
+        verdicts = verify_candidates(source, [str(uri_of[c.row]) for c in group], methods, device=device)
+        bar.update(len(group))
+        yield [_answer(v) for v in verdicts]
+
+
+def _verify_on_ray(
+    work: list[tuple[str, list[Candidate]]],
+    uri_of: dict[int, str | None],
+    methods: tuple[str, ...],
+    device: str | None,
+    timeout_s: float | None,
+    bar: tqdm,
+) -> list[list[Stage2]]:
+    """One Ray task per group, bounded in flight; on a GPU each when the cluster has GPUs.
+
+    `device` is this process's: the tasks run on "cuda" when they get a GPU, else on "cpu".
+    """
+    import ray
+
+    from jobs.cluster import cluster_cpus, cluster_has_gpus, task_options
+
+    extra: dict[str, Any] = task_options()
+    gpus = cluster_has_gpus()
+    if gpus:
+        # GPU tasks default to max_calls=1 (a new process per task): keep workers, and their CUDA, warm.
+        extra.update(num_gpus=1, max_calls=0)
+    task = _verify_task().options(**extra) if extra else _verify_task()
+    slots = max(1, int(ray.cluster_resources().get("GPU", 0)) if gpus else cluster_cpus())
+    # A timeout counts from submission: then submit no more than can start at once, so none waits its time out.
+    limit = slots if timeout_s else 2 * slots
+    results: dict[int, list[Stage2]] = {}
+    in_flight: dict[Any, tuple[int, float]] = {}
+    queue = iter(enumerate(work))
+
+    def failed(i: int, reason: str) -> None:
+        results[i] = [Stage2("error", reason=reason)] * len(work[i][1])
+        bar.update(len(work[i][1]))
+
+    while True:
+        while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
+            i, (source, group) = nxt
+            obj = task.remote(source, [uri_of[c.row] for c in group], methods, device="cuda" if gpus else "cpu")
+            in_flight[obj] = (i, time.monotonic())
+        if not in_flight:
+            break
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS)
+        for obj in ready:
+            i, _started = in_flight.pop(obj)
+            try:
+                results[i] = [_answer(v) for v in ray.get(obj)]
+                bar.update(len(work[i][1]))
+            except ray.exceptions.RayError as exc:  # the worker died (VERIFY_RETRIES times), or a bug
+                failed(i, f"verify task failed: {' '.join(str(exc).split())[:300]}")
+        if timeout_s:
+            now = time.monotonic()
+            for obj, (i, started) in list(in_flight.items()):
+                if now - started > timeout_s:
+                    ray.cancel(obj, force=True)
+                    del in_flight[obj]
+                    failed(i, f"verify task timed out after {timeout_s:g} s")
+    return [results[i] for i in range(len(work))]
+
+
+@functools.cache
+def _verify_task() -> Any:
+    import ray
+
+    from pipeline.verify.candidates import verify_candidates
+
+    return ray.remote(num_cpus=1, max_retries=VERIFY_RETRIES)(verify_candidates)
 
 
 def _check_not_empty(codes: Codes | CodePlan, reader: IndexReader, index: str, spec: Spec) -> None:
@@ -344,6 +576,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ray-address", default=None, help="run on this Ray cluster (default: $RAY_ADDRESS, else in this process)"
     )
+    parser.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=True,
+        help="stage 2: verify the candidate model pairs by behaviour (default: on)",
+    )
+    parser.add_argument(
+        "--verify-method", default="agreement", choices=[*VERIFY_METHODS, "all"],
+        help="stage 2's method (default agreement; all: agreement, distance and ddv)",
+    )
+    parser.add_argument(
+        "--verify-max-pairs", type=int, default=VERIFY_MAX_PAIRS,
+        help=f"verify at most this many candidate model pairs, nearest first (default {VERIFY_MAX_PAIRS})",
+    )
+    parser.add_argument(
+        "--verify-max-distance", type=int, default=None,
+        help="stage 2 candidates: model pairs within this many bits (default: 'related')",
+    )
+    parser.add_argument(
+        "--verify-timeout", type=float, default=None, help="on Ray: seconds per protected model's verify task"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -361,6 +612,11 @@ def run(args: argparse.Namespace) -> SweepSummary:
         ray_address=settings.ray_address,
         device=args.device,
         progress=not args.no_progress,
+        verify=args.verify,
+        verify_method=args.verify_method,
+        verify_max_pairs=args.verify_max_pairs,
+        verify_max_distance=args.verify_max_distance,
+        verify_timeout=args.verify_timeout,
     )
 
 

@@ -4,12 +4,18 @@
 hits of every kind). The matched models' identities are read from the index for the rows that matched
 only, once per batch (`Codes.identities`: one read per shard touched); `pairs_table` then builds a batch's
 rows, the one place that knows the report's columns; the batch is counted into a `SweepSummary`.
+
+Stage 2 (behaviour) judges model pairs, not codes, and only once stage 1 has found them all:
+`write_report` also gathers the candidate model pairs (`Candidate`), the sweep verifies them, and
+`apply_stage2` rewrites the report batch by batch with each pair's `Stage2` in the `stage2_*` columns of
+every row of that pair (null where a pair was not verified), and counts the verdicts into the summary.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,9 @@ from pipeline.index.reader import IDENTITY, CodePlan, Codes
 from pipeline.search import hamming
 from pipeline.search.sweep import PARTS, Hits
 
+STAGE2_ENTRY = pa.struct(
+    [("method", pa.string()), ("verdict", pa.string()), ("score", pa.float64()), ("reason", pa.string())]
+)
 REPORT_SCHEMA = pa.schema(
     [
         ("query_source", pa.string()),
@@ -38,9 +47,50 @@ REPORT_SCHEMA = pa.schema(
         ("verdict", pa.string()),
         ("rank", pa.int32()),  # 1 = nearest, per protected code and kind of match
         ("same_model", pa.bool_()),  # the protected model itself (same source and model_id) in the index
+        # Stage 2, the model pair's behaviour (all rows of a pair alike); null where it was not verified.
+        ("stage2_method", pa.string()),  # the method stage2_verdict comes from
+        ("stage2_verdict", pa.string()),  # pirated, homolog, unrelated, or error (stage2_reason says why)
+        ("stage2_score", pa.float64()),  # that method's score
+        ("stage2_reason", pa.string()),  # why error, or why a candidate was not verified
+        ("stage2_methods", pa.list_(STAGE2_ENTRY)),  # every method's answer (`--verify-method all`)
     ]
 )
 TOP = 20  # pairs listed in the summary
+REWRITE_ROWS = 65_536  # report rows per batch when stage 2 rewrites it
+_TOP_KEYS = (
+    "query_source", "query_model_id", "part", "match_source", "match_model_id", "match_part", "distance", "verdict"
+)
+STAGE1_COLUMNS = 13  # the stage-1 columns come first; stage 2's follow
+
+
+@dataclass(frozen=True, slots=True)
+class Stage2:
+    """Stage 2's answer for one (protected, indexed) model pair, as the report holds it.
+
+    `verdict` is that of `method`, the first method that could compare the pair (else the first
+    method's `error`); None when the pair was not verified, with `reason` saying why. `methods` holds
+    every method's {method, verdict, score, reason}.
+    """
+
+    verdict: str | None
+    method: str | None = None
+    score: float | None = None
+    reason: str | None = None
+    methods: tuple[dict[str, Any], ...] = ()
+
+
+PairKey = tuple[str, str, str, str]  # (query_source, query_model_id, match_source, match_model_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A model pair for stage 2: protected model `owner` (its number in `Protected`) and index row `row`,
+    at `distance` bits (the nearest of their whole-model and per-block pairs)."""
+
+    owner: int
+    row: int
+    distance: int
+    key: PairKey
 
 
 @dataclass
@@ -54,18 +104,26 @@ class Protected:
     owner: list[int] = field(default_factory=list)
     part: list[str | None] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    uri: list[str | None] = field(default_factory=list)  # per model: what loads it for stage 2
 
     @property
     def models(self) -> int:
         return len(self.model_id)
 
     def add(
-        self, source: str, model_id: str, revision: str | None, code: bytes, parts: Iterable[tuple[str, bytes]]
+        self,
+        source: str,
+        model_id: str,
+        revision: str | None,
+        code: bytes,
+        parts: Iterable[tuple[str, bytes]],
+        uri: str | None = None,
     ) -> None:
         m = self.models
         self.source.append(source)
         self.model_id.append(model_id)
         self.revision.append(revision)
+        self.uri.append(uri)
         for name, c in [(None, code), *parts]:
             hamming.as_words(c)  # a code of another length is refused here, not matched wrongly
             self.codes.append(bytes(c))
@@ -122,13 +180,23 @@ class SweepSummary:
     same_model: int = 0
     flagged_models: int = 0  # distinct (protected, indexed) model pairs with a copy or related verdict
     top: list[dict[str, Any]] = field(default_factory=list)
+    verify_method: str | None = None  # stage 2's method (`all`: agreement, distance, ddv); None: not run
+    stage2_pairs: int = 0  # candidate model pairs verified
+    stage2_skipped: int = 0  # candidate model pairs left unverified (beyond the cap)
+    stage2_by_verdict: dict[str, int] = field(default_factory=dict)  # per verified model pair
+    stage2_pirated: list[dict[str, Any]] = field(default_factory=list)  # the pairs called pirated, nearest first
+    stage2_errors: list[dict[str, Any]] = field(default_factory=list)  # the first TOP pairs that could not be run
     seconds: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         verdicts = ", ".join(f"{n} {v}" for v, n in sorted(self.by_verdict.items())) or "no pairs"
+        stage2 = ""
+        if self.verify_method is not None:
+            judged = ", ".join(f"{n} {v}" for v, n in sorted(self.stage2_by_verdict.items())) or "nothing to verify"
+            stage2 = f"; stage 2: {judged}" + (f", {self.stage2_skipped} not verified" if self.stage2_skipped else "")
         return (
             f"{self.protected_models} protected models ({len(self.failed)} failed) against {self.index_codes} "
-            f"codes: {verdicts}; {self.flagged_models} flagged model pairs "
+            f"codes: {verdicts}; {self.flagged_models} flagged model pairs{stage2} "
             f"({self.seconds.get('total', 0):.1f} s; report {self.report})"
         )
 
@@ -144,13 +212,37 @@ class SweepSummary:
             f"- {self.flagged_models} flagged model pairs; "
             + ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()),
         ]
+        if self.verify_method is not None:
+            judged = ", ".join(f"{n} {v}" for v, n in sorted(self.stage2_by_verdict.items())) or "none"
+            lines.append(
+                f"- stage 2 (`{self.verify_method}`): {self.stage2_pairs} model pairs verified: {judged}; "
+                f"{self.stage2_skipped} not verified"
+            )
         if self.top:
-            lines += ["", "| protected | block | indexed | block | distance | verdict |", "|---|---|---|---|---|---|"]
+            stage2 = self.verify_method is not None
+            lines += [
+                "",
+                "| protected | block | indexed | block | distance | verdict |" + (" stage 2 |" if stage2 else ""),
+                "|---|---|---|---|---|---|" + ("---|" if stage2 else ""),
+            ]
             for t in self.top:
                 lines.append(
                     f"| {t['query_model_id']} | {t['part'] or ''} | {t['match_model_id']} | "
                     f"{t['match_part'] or ''} | {t['distance']} | {t['verdict']} |"
+                    + (f" {t.get('stage2_verdict') or ''} |" if stage2 else "")
                 )
+        if self.stage2_pirated:
+            lines += ["", "Pirated by behaviour (stage 2):", "", "| protected | indexed | distance | method | score |",
+                      "|---|---|---|---|---|"]
+            for p in self.stage2_pirated:
+                lines.append(
+                    f"| {p['query_model_id']} | {p['match_model_id']} | {p['distance']} | {p['method']} | "
+                    f"{p['score']:.3f} |"
+                )
+        if (self.stage2_errors or self.failed) and lines[-1].startswith("|"):
+            lines.append("")  # a list after a table must not read as its last row
+        for e in self.stage2_errors:
+            lines.append(f"- stage 2 error: {e['query_model_id']} ~ {e['match_model_id']}: {e['reason']}")
         for f in self.failed:
             lines.append(f"- failed: {f['model']}: {f['error']}")
         return "\n".join(lines) + "\n"
@@ -164,7 +256,13 @@ def tiles_of(hits: dict[str, Hits], n: int, tile: int) -> Iterator[tuple[slice, 
 
 
 def pairs_table(
-    kind: str, hits: Hits, first_query: int, queries: QueryColumns, matched: pa.Table, spec: Spec
+    kind: str,
+    hits: Hits,
+    first_query: int,
+    queries: QueryColumns,
+    matched: pa.Table,
+    spec: Spec,
+    stage2: Mapping[PairKey, Stage2] | None = None,
 ) -> pa.Table:
     """The report rows of one kind of hits, one per found slot in row-major order.
 
@@ -173,6 +271,7 @@ def pairs_table(
         hits: the hits of queries `first_query`, `first_query + 1`, ...
         queries: the query side (`Protected.columns()`).
         matched: the identity (IDENTITY columns) of each found slot's index row, in the same order.
+        stage2: model pairs' stage-2 answers, when known (the stage-2 columns are null otherwise).
     """
     found = hits.key != hamming.NO_MATCH
     qi, slot = np.nonzero(found)
@@ -181,7 +280,7 @@ def pairs_table(
     verdicts = _verdicts(spec)
     m_source, m_model, m_revision = (matched[c].to_numpy(zero_copy_only=False) for c in IDENTITY)
     same = (queries.source[qi] == m_source) & (queries.model_id[qi] == m_model)
-    return pa.table(
+    table = pa.table(
         {
             "query_source": queries.source[qi],
             "query_model_id": queries.model_id[qi],
@@ -197,8 +296,29 @@ def pairs_table(
             "rank": (slot + 1).astype(np.int32),
             "same_model": np.asarray(same, dtype=bool),
         },
-        schema=REPORT_SCHEMA,
+        schema=pa.schema(list(REPORT_SCHEMA)[:STAGE1_COLUMNS]),
     )
+    return with_stage2(table, stage2 or {})
+
+
+def with_stage2(table: pa.Table, stage2: Mapping[PairKey, Stage2]) -> pa.Table:
+    """A table of report rows with its stage-2 columns (re)set from `stage2`, keyed by model pair."""
+    table = table.select(REPORT_SCHEMA.names[:STAGE1_COLUMNS])
+    if not stage2:
+        for f in list(REPORT_SCHEMA)[STAGE1_COLUMNS:]:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table
+    answers = [stage2.get(key) for key in _pair_keys(table)]
+    columns = {
+        "stage2_method": [a.method if a else None for a in answers],
+        "stage2_verdict": [a.verdict if a else None for a in answers],
+        "stage2_score": [a.score if a else None for a in answers],
+        "stage2_reason": [a.reason if a else None for a in answers],
+        "stage2_methods": [list(a.methods) if a and a.methods else None for a in answers],
+    }
+    for name, values in columns.items():
+        table = table.append_column(REPORT_SCHEMA.field(name), pa.array(values, REPORT_SCHEMA.field(name).type))
+    return table
 
 
 def write_report(
@@ -208,18 +328,26 @@ def write_report(
     index: Codes | CodePlan,
     spec: Spec,
     summary: SweepSummary,
-) -> None:
+    *,
+    candidates_within: int | None = None,
+) -> list[Candidate]:
     """Stream the pairs into `out` (Parquet, zstd), batch by batch, and count them into `summary`.
 
     Args:
         tiles: (query slice, hits of those queries by kind) batches, in query order.
         index: the searched index's rows (hits' row numbers count in it), whose identities are read
             for the matched rows only, once per batch.
+        candidates_within: gather the model pairs (other than a model with itself) that have a whole-model
+            or per-block pair within this many bits, for stage 2; None: gather none.
+
+    Returns:
+        The candidate model pairs, nearest first (then by protected model and index row).
 
     Raises:
         ModelIndexError: a shard of the index went missing or unreadable since it was loaded.
     """
     q = queries.columns()
+    found: dict[tuple[int, int], Candidate] = {}
     counts: dict[str, int] = {}
     flagged: set[tuple[int, int]] = set()
     top: list[tuple[int, str, dict[str, Any]]] = []
@@ -244,12 +372,53 @@ def write_report(
                 writer.write_table(table)
                 qi = np.nonzero(h.key != hamming.NO_MATCH)[0] + tile.start
                 top = _count(summary, table, q.owner[qi], rows[kind], spec, counts, flagged, top)
+                if candidates_within is not None:
+                    _gather(table, q.owner[qi], rows[kind], candidates_within, found)
     summary.by_verdict = counts
     summary.flagged_models = len(flagged)
-    summary.top = [
-        {key: t[2][key] for key in ("query_model_id", "part", "match_model_id", "match_part", "distance", "verdict")}
-        for t in top
-    ]
+    summary.top = [{key: t[2][key] for key in _TOP_KEYS} for t in top]
+    return sorted(found.values(), key=lambda c: (c.distance, c.owner, c.row))
+
+
+def apply_stage2(out: str, stage2: Sequence[tuple[Candidate, Stage2]], summary: SweepSummary) -> None:
+    """Set the stage-2 columns of the report at `out` (rewritten batch by batch) and count them into `summary`.
+
+    Every row of a model pair gets that pair's answer; the stage-1 columns are left as they are.
+    """
+    answers = {c.key: a for c, a in stage2}
+    if answers:
+        _rewrite(out, answers)
+    summary.stage2_pairs = sum(1 for _, a in stage2 if a.verdict is not None)
+    summary.stage2_skipped = len(stage2) - summary.stage2_pairs
+    counts: dict[str, int] = {}
+    for _, a in stage2:
+        if a.verdict is not None:
+            counts[a.verdict] = counts.get(a.verdict, 0) + 1
+    summary.stage2_by_verdict = counts
+
+    def pair(c: Candidate, a: Stage2) -> dict[str, Any]:
+        return {"query_model_id": c.key[1], "match_model_id": c.key[3], "distance": c.distance,
+                "method": a.method, "score": a.score}
+
+    summary.stage2_pirated = [pair(c, a) for c, a in stage2 if a.verdict == "pirated"]
+    summary.stage2_errors = [
+        {**pair(c, a), "reason": a.reason} for c, a in stage2 if a.verdict == "error"
+    ][:TOP]
+    for t in summary.top:
+        got = answers.get((t["query_source"], t["query_model_id"], t["match_source"], t["match_model_id"]))
+        t["stage2_verdict"] = got.verdict if got else None
+
+
+def _rewrite(out: str, answers: Mapping[PairKey, Stage2]) -> None:
+    """Stream the report into a sibling file with its stage-2 columns set, then replace it."""
+    tmp = Path(f"{out}.stage2.tmp")
+    try:
+        with pq.ParquetFile(out) as source, pq.ParquetWriter(tmp, REPORT_SCHEMA, compression="zstd") as writer:
+            for batch in source.iter_batches(batch_size=REWRITE_ROWS):
+                writer.write_table(with_stage2(pa.Table.from_batches([batch]), answers))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_summary(summary: SweepSummary) -> tuple[Path, Path]:
@@ -263,6 +432,27 @@ def write_summary(summary: SweepSummary) -> tuple[Path, Path]:
 
 def summary_base(out: str) -> str:
     return out[: -len(".parquet")] if out.endswith(".parquet") else out
+
+
+def _gather(
+    table: pa.Table, owner: np.ndarray, rows: np.ndarray, within: int, found: dict[tuple[int, int], Candidate]
+) -> None:
+    """Add one batch's candidate model pairs to `found`, keeping each pair's nearest distance."""
+    dist = table["distance"].to_numpy()
+    hit = np.flatnonzero(~table["same_model"].to_numpy() & (dist <= within))
+    if not hit.size:
+        return
+    for j, key in zip(hit.tolist(), _pair_keys(table.take(pa.array(hit))), strict=True):
+        pair = (int(owner[j]), int(rows[j]))
+        held = found.get(pair)
+        if held is None or dist[j] < held.distance:
+            found[pair] = Candidate(pair[0], pair[1], int(dist[j]), key)
+
+
+def _pair_keys(table: pa.Table) -> list[PairKey]:
+    """Each report row's model pair."""
+    columns = [table[c].to_pylist() for c in ("query_source", "query_model_id", "match_source", "match_model_id")]
+    return list(zip(*columns, strict=True))
 
 
 def _verdicts(spec: Spec) -> np.ndarray:

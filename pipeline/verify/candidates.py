@@ -1,0 +1,81 @@
+"""Stage 2 for one protected model and its stage-1 candidates: load it once, probe it once, judge each.
+
+The unit of work of the sweep's stage 2 (one Ray task per protected model): the protected model is
+loaded and its probe (core points, ddv pairs) built once, then every candidate is loaded, judged by each
+method and dropped before the next one loads. Nothing here raises for a bad model: a protected model
+that cannot load or run gives every candidate an `error` verdict saying so, a candidate that cannot gives
+its own; the sweep goes on either way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.errors import ModelhashError
+from pipeline.verify.behavior import ERROR, THRESHOLDS, Verdict, make_probe, verify_pair
+from pipeline.verify.runnable import RunnableModel, load_runnable
+
+__all__ = ["PAIR_METHODS", "verify_candidates"]
+
+PAIR_METHODS = ("agreement", "distance", "ddv")  # the methods that judge one pair at a time
+
+
+def verify_candidates(
+    source: str,
+    suspects: Sequence[str],
+    methods: Sequence[str] = ("agreement",),
+    *,
+    device: str = "cpu",
+    **probe_options: Any,
+) -> list[list[Verdict]]:
+    """Judge every suspect against `source` by every method; never raises.
+
+    Args:
+        source: the protected model's URI (a path, `hf://org/name@rev`, `s3://bucket/prefix`).
+        suspects: the candidates' URIs.
+        methods: pair methods (`PAIR_METHODS`), in the order their verdicts are returned.
+        device: where the models run ("cpu", "cuda").
+        probe_options: `make_probe` options (n, steps, seed, ...).
+
+    Returns:
+        One list per suspect, in order, of one Verdict per method, in order.
+    """
+    start = time.perf_counter()
+    try:
+        probe = make_probe(load_runnable(source, device=device), **probe_options)
+    except Exception as exc:  # noqa: BLE001 -- every candidate gets the reason instead
+        reason = f"protected model {source}: {_one_line(exc)}"
+        seconds = time.perf_counter() - start
+        return [[_failed(m, reason, source, s, seconds) for m in methods] for s in suspects]
+    out = []
+    for uri in suspects:
+        began = time.perf_counter()
+        suspect: RunnableModel | BaseException
+        try:
+            suspect = load_runnable(uri, device=device)
+        except Exception as exc:  # noqa: BLE001 -- verify_pair turns it into an error verdict
+            suspect = exc
+        verdicts = [verify_pair(probe, suspect, method) for method in methods]
+        seconds = time.perf_counter() - began
+        out.append([_named(v, source, uri, seconds) for v in verdicts])
+        del suspect  # one candidate's weights held at a time
+    return out
+
+
+def _failed(method: str, reason: str, source: str, suspect: str, seconds: float) -> Verdict:
+    cut = THRESHOLDS.get(method)
+    return Verdict(method, None, ERROR, cut.as_dict() if cut else {}, reason=reason, source=source,
+                   suspect=suspect, seconds=seconds)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, ModelhashError) else f"{type(exc).__name__}: {text}"
+
+
+def _named(verdict: Verdict, source: str, suspect: str, seconds: float) -> Verdict:
+    """The pair as the sweep names it (URIs), and the time loading the suspect took included."""
+    fields = {f: getattr(verdict, f) for f in Verdict.__dataclass_fields__}
+    return Verdict(**{**fields, "source": source, "suspect": suspect, "seconds": seconds})
