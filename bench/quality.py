@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,8 @@ class Report:
     calibrated: int  # the largest threshold with FPR <= TARGET_FPR over all negatives
     calibrated_split: int  # the same, over the negatives among the calibration split's models only
     parts_calibrated: int  # the largest threshold with FPR <= TARGET_FPR for the whole-or-parts rule
+    # kind -> (whole-or-parts recall over the copies that still work, their number, copies with a quality)
+    working: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
 
 def evaluate(models: list[dict], hashed: list[Hashed], spec: Spec) -> Report:
@@ -153,7 +155,16 @@ def evaluate(models: list[dict], hashed: list[Hashed], spec: Spec) -> Report:
         parts = [dp[i, j] <= t for i, j in pairs]
         recall[kind] = (float(np.mean(whole)), float(np.mean(parts)), len(pairs),
                         float(np.mean([dp[i, j] <= tp for i, j in pairs])))
-        misses[kind] = [f"{models[j]['name']} ({d[i, j]})" for (i, j), ok in zip(pairs, whole, strict=True) if not ok]
+        misses[kind] = [f"{models[j]['name']} ({d[i, j]}{_quality_note(models[i], models[j])})"
+                        for (i, j), ok in zip(pairs, whole, strict=True) if not ok]
+    working: dict[str, tuple[float, int, int]] = {}
+    for kind in KINDS:
+        rated = [(index[m["original"]], index[m["name"]]) for m in models if m["kind"] == kind
+                 and kind != "newhead" and _rated(models[index[m["original"]]], m)]
+        works = [(i, j) for i, j in rated if still_works(models[i], models[j])]
+        if rated and len(works) < len(rated):
+            working[kind] = (float(np.mean([dp[i, j] <= t for i, j in works])) if works else float("nan"),
+                             len(works), len(rated))
     secs = np.array([h.seconds for h in hashed])
     reads = np.array([h.read_seconds for h in hashed])
     nbytes = np.array([h.bytes_read for h in hashed])
@@ -166,7 +177,25 @@ def evaluate(models: list[dict], hashed: list[Hashed], spec: Spec) -> Report:
         "MB read per model (mean)": float(nbytes.mean() / 1e6),
         "MB read per model (max)": float(nbytes.max() / 1e6),
     }
-    return Report(spec.name, t, metrics, recall, misses, cost, calibrated, calibrated_split, tp)
+    return Report(spec.name, t, metrics, recall, misses, cost, calibrated, calibrated_split, tp, working)
+
+
+def _quality_note(original: dict, copied: dict) -> str:
+    if not _rated(original, copied) or copied["kind"] == "newhead":
+        return ""
+    return f"; quality {copied['quality']:g} vs {original['quality']:g}"
+
+
+def _rated(original: dict, copied: dict) -> bool:
+    return original.get("quality") is not None and copied.get("quality") is not None
+
+
+def still_works(original: dict, copied: dict, slack: float = 0.1) -> bool:
+    """A copy whose quality stays within `slack` (10%) of its original's: digits accuracy at least 0.9x the
+    original's; the GPT's bits per byte at most 1.1x. Copies that fail it no longer do the original's job."""
+    if original["arch"] == "gpt":
+        return copied["quality"] <= (1 + slack) * original["quality"]
+    return copied["quality"] >= (1 - slack) * original["quality"]
 
 
 def _held_out_fpr(models: list[dict], dist: np.ndarray, neg: np.ndarray, t: int) -> float:
@@ -257,6 +286,15 @@ def render(reports: list[Report], manifest: dict) -> str:
         n = reports[0].recall[kind][2]
         lines.append(f"| {kind} ({n}) | " + " | ".join(
             f"{r.recall[kind][0]:.2f} / {r.recall[kind][1]:.2f} / {r.recall[kind][3]:.2f}" for r in reports) + " |")
+    working = [k for k in KINDS if any(k in r.working for r in reports)]
+    if working:
+        lines += ["", "Recall (whole or any per-block code at the `copy` threshold) over the copies that still work, "
+                  "their quality within 10% of the original's (digits accuracy >= 0.9x; GPT bits per byte <= 1.1x); "
+                  "copies that still work / copies with a measured quality:", "", head]
+        for kind in working:
+            lines.append(f"| {kind} | " + " | ".join(
+                f"{r.working[kind][0]:.2f} ({r.working[kind][1]} / {r.working[kind][2]})" if kind in r.working
+                else "-" for r in reports) + " |")
     lines += ["", "Cost (CPU, 1 torch thread; read-only = the same ranged reads, replayed, from the page cache):",
               "", head]
     for key in reports[0].cost:
@@ -264,7 +302,8 @@ def render(reports: list[Report], manifest: dict) -> str:
     lines += ["", "Goals of the default-spec issue, per spec:", ""]
     for r in reports:
         lines.append(f"- `{r.spec.split(':')[0]}`: " + "; ".join(goals(r)))
-    lines += ["", "Misses (whole code above the `copy` threshold; distance in bits):", ""]
+    lines += ["", "Misses (whole code above the `copy` threshold; distance in bits; the copy's quality vs the "
+              "original's where measured: digits accuracy, GPT bits per byte):", ""]
     for r in reports:
         missed = [f"{k}: " + ", ".join(v) for k, v in r.misses.items() if v]
         lines.append(f"- `{r.spec.split(':')[0]}`: " + ("; ".join(missed) if missed else "none"))
