@@ -1,4 +1,4 @@
-"""The `modelhash` command: hash, crawl, query and compare models.
+"""The `modelhash` command: hash, crawl, query, verify and compare models.
 
 Every error we raise on purpose (ModelhashError) ends as one line on stderr and exit code 2 (jobs/entry.py).
 """
@@ -71,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import crawl, query, sweep
+    from jobs import crawl, query, sweep, verify
 
     parser = argparse.ArgumentParser(prog="modelhash", description="Find copies of neural-network models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep", help="search a protected set of models against the index")
     sweep.add_arguments(p)
     p.set_defaults(func=sweep.command)
+
+    p = commands.add_parser("verify", help="stage 2: is a suspect a pirated copy, a homolog or unrelated (runs both)")
+    verify.add_arguments(p)
+    p.set_defaults(func=verify.command)
 
     p = commands.add_parser("compare", help="distance and verdict for two models")
     p.add_argument("a", help="first model")

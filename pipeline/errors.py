@@ -35,3 +35,8 @@ class SpecMismatchError(ModelhashError, ValueError):
 
 class ModelIndexError(ModelhashError, ValueError):
     """The index is missing, empty where it must not be, or corrupt."""
+
+
+class VerifyError(ModelhashError, ValueError):
+    """A model cannot run (unknown architecture, weights that do not fit it, NaN outputs), or two models
+    cannot be compared by behaviour (different inputs or label spaces)."""

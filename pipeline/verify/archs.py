@@ -140,7 +140,7 @@ class TinyGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1]))
+        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in tr.h:
             x = block(x)
         x = tr.ln_f(x)

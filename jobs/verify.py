@@ -1,0 +1,249 @@
+"""The verify job: is a suspect a pirated copy of a source model, a homolog, or unrelated? (stage 2)
+
+Run as `modelhash verify SOURCE SUSPECT [SUSPECT ...]` or `python -m jobs.verify SOURCE SUSPECT`. Both
+models run here (CPU by default, `--device cuda`): core points are built on the source once, then every
+suspect is judged by each method, with the evidence printed. A suspect that cannot load or run gets an
+`error` verdict with the reason; a source that cannot run is an error of the command (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jobs.entry import job_main
+from pipeline.errors import ModelhashError, VerifyError
+from pipeline.verify.behavior import (
+    CORE_POINTS,
+    CORE_STEPS,
+    METHODS,
+    Probe,
+    Verdict,
+    make_probe,
+    verify_group,
+    verify_pair,
+)
+from pipeline.verify.runnable import RunnableModel, load_runnable
+
+PAIR_METHODS = ("agreement", "distance", "ddv")
+
+
+@dataclass
+class VerifyReport:
+    """The source's probe and every verdict, suspect by suspect, method by method."""
+
+    source: dict[str, Any]
+    verdicts: list[Verdict]
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.source, "verdicts": [v.to_dict() for v in self.verdicts]}, indent=2)
+
+
+def load_seeds(path: str | None) -> np.ndarray | None:
+    """Seed inputs from a `.npy` file (no pickles): (N, *input shape) floats, or token ids."""
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"{path}: cannot read seeds (a .npy array without pickles): {exc}") from exc
+
+
+def _load(uri: str, arch: str | None, device: str) -> RunnableModel | BaseException:
+    try:
+        return load_runnable(uri, arch=arch, device=device)
+    except Exception as exc:  # noqa: BLE001 -- a suspect that cannot load gets an error verdict, not a crash
+        return exc
+
+
+def verify(
+    source: str,
+    suspects: list[str],
+    *,
+    methods: tuple[str, ...] = ("agreement",),
+    seeds: np.ndarray | None = None,
+    homologs: tuple[str, ...] = (),
+    pirated: tuple[str, ...] = (),
+    arch: str | None = None,
+    suspect_arch: str | None = None,
+    n: int = CORE_POINTS,
+    steps: int = CORE_STEPS,
+    seed: int = 0,
+    contrast: bool = False,
+    device: str = "cpu",
+) -> VerifyReport:
+    """Build the source's probe once and judge every suspect by every method.
+
+    Raises:
+        ModelhashError: the source cannot be loaded or run (the suspects' failures are verdicts).
+    """
+    model = load_runnable(source, arch=arch, device=device)
+    probe = make_probe(model, seeds=seeds, n=n, steps=steps, seed=seed, contrast=contrast)
+    loaded = [_load(uri, suspect_arch, device) for uri in suspects]
+    verdicts: list[Verdict] = []
+    by_suspect: dict[int, list[Verdict]] = {i: [] for i in range(len(suspects))}
+    for method in methods:
+        if method == "cluster":
+            refs = {
+                "homolog": [_reference(u, suspect_arch, device) for u in homologs],
+                "pirated": [_reference(u, suspect_arch, device) for u in pirated],
+            }
+            for i, v in enumerate(verify_group(probe, loaded, refs)):
+                by_suspect[i].append(_named(v, suspects[i]))
+            continue
+        for i, suspect in enumerate(loaded):
+            by_suspect[i].append(_named(verify_pair(probe, suspect, method), suspects[i]))
+    for i in range(len(suspects)):
+        verdicts.extend(by_suspect[i])
+    return VerifyReport(source=_describe(probe, source), verdicts=verdicts)
+
+
+def _reference(uri: str, arch: str | None, device: str) -> RunnableModel:
+    """A known homolog or copy for `cluster`: one that cannot load is an error of the command."""
+    try:
+        return load_runnable(uri, arch=arch, device=device)
+    except ModelhashError as exc:
+        raise VerifyError(f"reference {uri} cannot be loaded: {exc}") from exc
+
+
+def _named(verdict: Verdict, uri: str) -> Verdict:
+    """The suspect as the user named it, when it never loaded far enough to have a name."""
+    if verdict.suspect:
+        return verdict
+    fields = {f: getattr(verdict, f) for f in Verdict.__dataclass_fields__}
+    return Verdict(**{**fields, "suspect": uri})
+
+
+def _describe(probe: Probe, uri: str) -> dict[str, Any]:
+    model = probe.source
+    domain = model.domain
+    inputs = (
+        f"tokens (vocabulary {domain.vocab}, {domain.shape[0]} per probe)" if domain.kind == "tokens"
+        else f"continuous {tuple(domain.shape)}"
+    )
+    return {
+        "uri": uri,
+        "name": model.name,
+        "arch": model.arch,
+        "outputs": model.n_outputs,
+        "inputs": inputs,
+        "core_points": len(probe.core.labels),
+        "source_confidence": round(float(probe.core.confidence.mean()), 4),
+        "ddv_pairs": len(probe.source_ddv),
+        "probe_seconds": round(probe.seconds, 3),
+        "notes": list(model.notes),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The verify job's flags, shared by `modelhash verify` and `python -m jobs.verify`."""
+    parser.add_argument("source", help="the protected model (a folder, a checkpoint, hf://..., s3://...)")
+    parser.add_argument("suspects", nargs="+", metavar="SUSPECT", help="the model(s) to judge")
+    parser.add_argument(
+        "--method", default="agreement", choices=[*METHODS, "all"],
+        help="agreement (default), distance, ddv, cluster (needs 2+ suspects or --homolog), or all",
+    )
+    parser.add_argument("--seeds", default=None, help="seed inputs, a .npy array (e.g. test images or token ids)")
+    parser.add_argument("--homolog", action="append", default=[], help="cluster: a known homolog (repeatable)")
+    parser.add_argument("--pirated", action="append", default=[], help="cluster: a known copy (repeatable)")
+    parser.add_argument("--arch", default=None, help="the source's architecture (mlp, cnn, resnet, gpt, "
+                        "torchvision:NAME, timm:NAME, hf) when config.json does not say")
+    parser.add_argument("--suspect-arch", default=None, help="the suspects' architecture, likewise")
+    parser.add_argument("--points", type=int, default=CORE_POINTS, help=f"core points (default {CORE_POINTS})")
+    parser.add_argument("--steps", type=int, default=CORE_STEPS, help=f"optimisation steps (default {CORE_STEPS})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the probe (default 0)")
+    parser.add_argument("--contrast", action="store_true", help="also report agreement on near-boundary points")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> VerifyReport:
+    if args.method == "all":
+        methods: tuple[str, ...] = PAIR_METHODS
+        if len(args.suspects) > 1 or args.homolog:
+            methods = (*methods, "cluster")
+    else:
+        methods = (args.method,)
+    return verify(
+        args.source,
+        list(args.suspects),
+        methods=methods,
+        seeds=load_seeds(args.seeds),
+        homologs=tuple(args.homolog),
+        pirated=tuple(args.pirated),
+        arch=args.arch,
+        suspect_arch=args.suspect_arch,
+        n=args.points,
+        steps=args.steps,
+        seed=args.seed,
+        contrast=args.contrast,
+        device=args.device,
+    )
+
+
+def _threshold_text(t: dict[str, Any]) -> str:
+    if not t:
+        return ""
+    if t["higher_is_closer"]:
+        return f"pirated >= {t['pirated']}, unrelated < {t['unrelated']}"
+    return f"pirated <= {t['pirated']}, unrelated > {t['unrelated']}"
+
+
+def _evidence_text(evidence: dict[str, Any]) -> str:
+    parts = []
+    for key, value in evidence.items():
+        if isinstance(value, dict):
+            value = "; ".join(f"{k}: {', '.join(map(str, v)) or '-'}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = " | ".join(", ".join(map(str, g)) if isinstance(g, list) else str(g) for g in value)
+        parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
+def format_report(report: VerifyReport) -> str:
+    """A human-readable report: the probe, then each suspect's verdicts with their evidence."""
+    s = report.source
+    lines = [
+        f"source {s['name']} ({s['arch']}, {s['outputs']} outputs, {s['inputs']}): {s['core_points']} core points, "
+        f"mean confidence {s['source_confidence']:.3f}, {s['ddv_pairs']} ddv pairs, {s['probe_seconds']:.2f} s"
+    ]
+    lines += [f"  note: {note}" for note in s["notes"]]
+    current = None
+    for v in report.verdicts:
+        if v.suspect != current:
+            current = v.suspect
+            lines.append(f"suspect {current}")
+        if v.verdict == "error":
+            lines.append(f"  {v.method:<10} {'error':<9}  {v.reason}")
+            continue
+        lines.append(
+            f"  {v.method:<10} {v.verdict:<9}  score {v.score:.4f}  ({_threshold_text(v.thresholds)})  "
+            f"{v.seconds:.2f} s"
+        )
+        lines.append(f"  {'':<10} {'':<9}  {_evidence_text(v.evidence)}")
+    return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the verification and print it (text, or JSON with --json): `modelhash verify` and this module's main."""
+    start = time.perf_counter()
+    report = run(args)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(format_report(report))
+        print(f"{time.perf_counter() - start:.2f} s in all")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main("jobs.verify", __doc__.splitlines()[0], add_arguments, command, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

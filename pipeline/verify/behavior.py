@@ -1,0 +1,758 @@
+"""Stage 2 by behaviour: is a suspect a pirated copy of a source model, a homolog, or unrelated?
+
+DeepCore (Sun, Zhang, Li, arXiv 2411.00380): a model's confidence grows with an input's distance from its
+decision boundary, and pirated models (fine-tuned, pruned, distilled or extracted from the source) follow
+it where it is confident, while homologs (same architecture and data, trained apart) follow it less. So we
+build *core points*, inputs the source classifies with a set confidence in a label spread over its classes
+(`core_points`), and compare the suspect's outputs on them:
+
+- `agreement`: the share of core points on which the suspect predicts the source's label;
+- `distance`: the mean Jensen-Shannon divergence (bits, in [0, 1]) of the two output distributions;
+- `cluster`: the prediction vectors of the source, reference models and a group of suspects on the core
+  points, clustered; suspects on the source's side are pirated (`verify_group`);
+- `ddv`: ModelDiff's decision-distance vectors (Li et al., ISSTA 2021), a second opinion that also runs
+  when label spaces differ (a new head): the cosine distances between each model's outputs on pairs of
+  inputs, compared by cosine similarity.
+
+Every method gives a score and a verdict (`pirated`, `homolog`, `unrelated`) by its `THRESHOLDS`, or
+`error` with a reason when the pair cannot be compared (different inputs or label spaces, a suspect that
+does not load or run, NaN outputs, a source with no confident outputs). `verify_pair`, `verify_group` and
+`verify_uris` never raise: a sweep verifying thousands of candidates must not stop on one bad model.
+
+The source's side (core points, its outputs, its decision distances) is computed once, in a `Probe`
+(`make_probe`), and reused for every suspect. All tensors live on the source's device (`device="cuda"`).
+
+What the zoo showed (see THRESHOLDS): fine-tuned and lightly pruned copies stand well apart from homologs;
+copies distilled on soft labels sit just past them; label-only extractions on the source's own data and
+heavily pruned (80%) copies fall among the homologs, by every method here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import VerifyError
+from pipeline.verify.runnable import InputDomain, RunnableModel, load_runnable
+
+__all__ = [
+    "METHODS",
+    "THRESHOLDS",
+    "VERDICTS",
+    "CorePoints",
+    "Probe",
+    "Thresholds",
+    "Verdict",
+    "core_points",
+    "make_probe",
+    "verify_group",
+    "verify_pair",
+    "verify_uris",
+]
+
+PIRATED, HOMOLOG, UNRELATED, ERROR = "pirated", "homolog", "unrelated", "error"
+VERDICTS = (PIRATED, HOMOLOG, UNRELATED, ERROR)
+METHODS = ("agreement", "distance", "ddv", "cluster")
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """A method's score cut-offs: `pirated` at or beyond `pirated`, `unrelated` beyond `unrelated`,
+    `homolog` between. `higher_is_closer`: agreement, ddv and cluster scores grow with similarity;
+    `distance` shrinks."""
+
+    pirated: float
+    unrelated: float
+    higher_is_closer: bool = True
+
+    def verdict(self, score: float) -> str:
+        if not self.higher_is_closer:
+            score, pirated, unrelated = -score, -self.pirated, -self.unrelated
+        else:
+            pirated, unrelated = self.pirated, self.unrelated
+        if score >= pirated:
+            return PIRATED
+        if score < unrelated:
+            return UNRELATED
+        return HOMOLOG
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pirated": self.pirated, "unrelated": self.unrelated, "higher_is_closer": self.higher_is_closer}
+
+
+# Calibrated on digits models like the benchmark zoo's (bench.zoo recipes): 4 sources (MLP and CNN, two
+# seeds each), 3 homologs each (same architecture and data, other seeds), and copies of each: fine-tuned
+# (short, long), pruned 50% and 80%, distilled (soft labels, T=2) and extracted (hard labels on noisy
+# queries); with the default probe. Homologs scored agreement 0.71-0.89, distance 0.117-0.18 bits, ddv
+# 0.951-0.975; a model trained on permuted labels: agreement 0.02, distance 0.82-0.87. `pirated` sits just
+# past the homologs (no false identification there); `unrelated` past the cross-architecture homologs
+# (an MLP against a CNN source: agreement 0.30-0.74, distance 0.21-0.51). bench/verify.py measures them on
+# the full zoo; change them here, where the sweep, the CLI and the benchmark read them.
+THRESHOLDS: dict[str, Thresholds] = {
+    "agreement": Thresholds(pirated=0.9, unrelated=0.2),
+    "distance": Thresholds(pirated=0.11, unrelated=0.6, higher_is_closer=False),
+    # Across label spaces (a new head) ddv scores run lower and do not separate: a new 2-class head on the
+    # source's own body scored 0.54-0.77 on the zoo, and so did new heads on homologs. Such a pair rarely
+    # comes out pirated; a reused backbone is stage 1's finding (per-block codes).
+    "ddv": Thresholds(pirated=0.98, unrelated=0.85),
+    # The suspect's side between the source's group and the other (0.5: halfway); `unrelated` comes
+    # from the divergence to the source, by the distance method's threshold (see verify_group).
+    "cluster": Thresholds(pirated=0.5, unrelated=0.0),
+}
+# The probe: core points per source, search steps at most, the source's confidence in each point's label.
+CORE_POINTS = 200
+CORE_STEPS = 100
+CORE_CONFIDENCE = 0.9
+CORE_STEP = 0.02  # continuous inputs: a step is this fraction of each feature's spread
+DDV_PAIRS = 100
+# Below this mean confidence on its core points a source's labels say too little: label methods refuse.
+MIN_SOURCE_CONFIDENCE = 0.5
+# Token inputs have no gradient: a greedy search tries this many single-token substitutions per sequence
+# and step, for at most TOKEN_STEPS steps (a forward pass per candidate: kept small for CPU).
+TOKEN_CANDIDATES = 8
+TOKEN_STEPS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One method's answer for one (source, suspect) pair.
+
+    `score` is None when the pair could not be compared (`verdict == "error"`, `reason` says why).
+    `evidence` holds what the score came from (agreement, number of core points, confidences ...).
+    """
+
+    method: str
+    score: float | None
+    verdict: str
+    thresholds: dict[str, Any]
+    evidence: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    source: str = ""
+    suspect: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "suspect": self.suspect, "method": self.method, "verdict": self.verdict,
+            "score": self.score, "thresholds": self.thresholds, "evidence": self.evidence, "reason": self.reason,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass(frozen=True)
+class CorePoints:
+    """Inputs on which the source is confident (`core`) or undecided (`boundary`), with its labels."""
+
+    inputs: torch.Tensor  # (n, *shape): float for continuous inputs, int64 token ids for token models
+    labels: torch.Tensor  # (n,) the source's label on each point
+    confidence: torch.Tensor  # (n,) the source's probability of that label
+    variant: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What verifying suspects against one source needs, computed once: core points, the source's
+    outputs on them, and the ddv input pairs with the source's decision distances."""
+
+    source: RunnableModel
+    core: CorePoints | None  # None when the source's outputs are an embedding (only ddv applies)
+    source_probs: torch.Tensor | None  # (n, classes) softmax on the core points
+    pairs: torch.Tensor  # (2m, *shape): pair k is (pairs[k], pairs[m + k])
+    source_ddv: torch.Tensor  # (m,)
+    boundary: CorePoints | None = None  # the contrast set, when asked for
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------- core points
+
+
+def core_points(
+    source: RunnableModel,
+    *,
+    seeds: torch.Tensor | np.ndarray | None = None,
+    n: int = CORE_POINTS,
+    steps: int | None = None,
+    variant: str = "core",
+    seed: int = 0,
+    confidence: float = CORE_CONFIDENCE,
+    step: float = CORE_STEP,
+) -> CorePoints:
+    """Inputs the source classifies with `confidence` in a label it did not give the start (DeepCore's
+    core points), or inputs on its decision boundary (`variant="boundary"`, for contrast).
+
+    Start points are random draws of the input domain: for continuous inputs, Gaussian with the seeds'
+    per-feature mean and standard deviation (`seeds`: real inputs, (N, *shape)), else with mean 0 and
+    the domain's scale; for token inputs, windows of the seed text (a 1-D token stream or (N, L) ids),
+    else uniform random tokens. Each start gets a target label, spread round-robin over the classes and
+    different from the source's label on it; the search then moves it until the source gives the target
+    `confidence` (DeepCore: confidence grows with the distance from the boundary). `steps` bounds the
+    search: CORE_STEPS for continuous inputs, TOKEN_STEPS for tokens by default.
+
+    Why random starts and a fixed confidence rather than real inputs pushed to saturation: on the zoo,
+    points deep in a class (saturated confidence) are labelled alike by every model trained on the same
+    data, homologs included; points the source was led to, at a set confidence, are where copies of it
+    follow and homologs do not, and a set confidence puts them at comparable depth for every architecture.
+
+    Continuous inputs take signed-gradient steps of `step` x the per-feature spread, each point stopping
+    when it reaches `confidence`, within 4 spreads of the mean. Token ids have no gradient: each step
+    tries TOKEN_CANDIDATES random single-token substitutions per sequence and keeps the best, a greedy
+    search that never lowers the objective. A language model (more outputs than points) targets each
+    sequence's second most likely next token. `boundary`: the target's logit is driven to the runner-up's
+    (margin 0), the near-boundary points IPGuard-style fingerprints use. Deterministic from `seed`.
+
+    Raises:
+        VerifyError: the source fails on its inputs or outputs NaN, or its outputs are not labels.
+        ValueError: a bad argument (variant, n, steps, confidence).
+    """
+    if variant not in ("core", "boundary"):
+        raise ValueError(f"variant must be 'core' or 'boundary', not {variant!r}")
+    if steps is None:
+        steps = CORE_STEPS if source.domain.kind == "continuous" else TOKEN_STEPS
+    if n < 1 or steps < 0 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"need n >= 1, steps >= 0, 0 < confidence < 1 (got {n}, {steps}, {confidence})")
+    start_time = time.perf_counter()
+    _require_labels(source)
+    gen = torch.Generator().manual_seed(seed)
+    domain = source.domain
+    if domain.kind == "continuous":
+        mean, spread = _spread_of(domain, seeds)
+        pool = mean + spread * torch.randn((max(4 * n, 64), *domain.shape), generator=gen)
+        starts, targets = _targets(source, pool, n, gen)
+        low = mean - 4 * spread if domain.low is None else torch.full(domain.shape, domain.low)
+        high = mean + 4 * spread if domain.high is None else torch.full(domain.shape, domain.high)
+        x = _ascend(source, starts, targets, variant, steps=steps, step=step * spread, confidence=confidence,
+                    low=low, high=high)
+    else:
+        pool = _token_pool(domain, seeds, max(4 * n, 64), gen)
+        starts, targets = _targets(source, pool, n, gen)
+        x = _mutate(source, starts, targets, variant, steps=steps, confidence=confidence, gen=gen)
+    probs = source.probs(x)
+    labels = probs.argmax(dim=1)
+    return CorePoints(
+        inputs=x, labels=labels, confidence=probs.gather(1, labels[:, None])[:, 0], variant=variant,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _spread_of(domain: InputDomain, seeds: torch.Tensor | np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation of the inputs: the seeds', or (0, scale)."""
+    if seeds is None:
+        return torch.zeros(domain.shape), torch.full(domain.shape, float(domain.scale))
+    data = torch.as_tensor(np.asarray(seeds)).float()
+    if data.dim() < 1 or len(data) < 2 or data[0].numel() != int(np.prod(domain.shape)):
+        raise VerifyError(f"seeds of shape {tuple(data.shape)} do not fit the model's inputs {domain.shape}")
+    data = data.reshape(len(data), *domain.shape)
+    if not torch.isfinite(data).all():
+        raise VerifyError("seeds hold NaN or infinite values")
+    return data.mean(dim=0), data.std(dim=0)
+
+
+def _token_pool(domain: InputDomain, seeds: torch.Tensor | np.ndarray | None, size: int,
+                gen: torch.Generator) -> torch.Tensor:
+    """Start sequences: windows of the seed tokens, or uniform random tokens."""
+    length = domain.shape[0]
+    if seeds is None:
+        return torch.randint(0, domain.vocab, (size, length), generator=gen)
+    data = torch.as_tensor(np.asarray(seeds)).long()
+    if data.dim() == 1:
+        if len(data) < length:
+            raise VerifyError(f"seed text has {len(data)} tokens, fewer than the probe's {length}")
+        offsets = torch.randint(0, len(data) - length + 1, (size,), generator=gen)
+        data = torch.stack([data[o: o + length] for o in offsets.tolist()])
+    elif data.dim() != 2 or data.shape[1] < length or len(data) == 0:
+        raise VerifyError(f"token seeds must be a stream or (N, >= {length}) ids, got {tuple(data.shape)}")
+    else:
+        data = data[torch.randint(0, len(data), (size,), generator=gen), :length]
+    if int(data.min()) < 0 or int(data.max()) >= domain.vocab:
+        raise VerifyError(f"seed token ids outside the vocabulary [0, {domain.vocab})")
+    return data
+
+
+def _targets(source: RunnableModel, pool: torch.Tensor, n: int, gen: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n starts and their target labels: spread round-robin over the classes, each start one the
+    source gives another label (a language model: each sequence's runner-up token)."""
+    logits = source.logits(pool).cpu()
+    predicted = logits.argmax(dim=1)
+    classes = source.n_outputs
+    if classes > n:  # a vocabulary, not classes to spread over
+        return pool[:n], logits[:n].topk(2, dim=1).indices[:, 1]
+    used = torch.zeros(len(pool), dtype=torch.bool)
+    picks, targets = [], []
+    for i in range(n):
+        c = i % classes
+        free = (~used & (predicted != c)).nonzero()
+        if len(free) == 0:
+            free = (~used).nonzero()
+        j = int(free[0])
+        used[j] = True
+        picks.append(j)
+        targets.append(c)
+    return pool[picks], torch.tensor(targets)
+
+
+def _objective(logits: torch.Tensor, targets: torch.Tensor, variant: str) -> torch.Tensor:
+    """Per-point loss to minimise: -log p(target) (core) or the squared margin to the runner-up."""
+    if variant == "core":
+        return F.cross_entropy(logits, targets, reduction="none")
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
+    return (target_logit - others) ** 2
+
+
+def _done(loss: torch.Tensor, variant: str, confidence: float) -> torch.Tensor:
+    """Points whose search is over: confident enough (core), or on the boundary (margin under 0.01)."""
+    return loss <= -np.log(confidence) if variant == "core" else loss <= 1e-4
+
+
+def _ascend(source: RunnableModel, starts: torch.Tensor, targets: torch.Tensor, variant: str, *, steps: int,
+            step: torch.Tensor, confidence: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    device = source.device
+    x = starts.to(device).clone().requires_grad_(True)
+    targets, step, low, high = targets.to(device), step.to(device), low.to(device), high.to(device)
+    shape = (-1, *([1] * (x.dim() - 1)))
+    for _ in range(steps):
+        loss = _objective(source.forward(x), targets, variant)
+        if not torch.isfinite(loss).all():
+            raise VerifyError(f"{source.name}: non-finite outputs while searching core points")
+        active = ~_done(loss.detach(), variant, confidence)
+        if not active.any():
+            break
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        with torch.no_grad():
+            x -= step * grad.sign() * active.reshape(shape)
+            x.copy_(torch.maximum(torch.minimum(x, high), low))
+    return x.detach()
+
+
+def _mutate(source: RunnableModel, starts: torch.Tensor, targets: torch.Tensor, variant: str, *, steps: int,
+            confidence: float, gen: torch.Generator) -> torch.Tensor:
+    n, length = starts.shape
+    k = TOKEN_CANDIDATES
+    x = starts.clone()
+    best = _objective(source.logits(x).cpu(), targets, variant)
+    for _ in range(steps):
+        active = (~_done(best, variant, confidence)).nonzero()[:, 0]
+        if len(active) == 0:
+            break
+        m = len(active)
+        cands = x[active].repeat_interleave(k, dim=0)
+        cands[torch.arange(m * k), torch.randint(0, length, (m * k,), generator=gen)] = torch.randint(
+            0, source.domain.vocab, (m * k,), generator=gen
+        )
+        loss = _objective(source.logits(cands).cpu(), targets[active].repeat_interleave(k), variant).reshape(m, k)
+        value, pick = loss.min(dim=1)
+        better = value < best[active]
+        rows = active[better]
+        x[rows] = cands.reshape(m, k, length)[better, pick[better]]
+        best[rows] = value[better]
+    return x.to(source.device)
+
+
+# -------------------------------------------------------------------------------------------- probe
+
+
+def make_probe(
+    source: RunnableModel,
+    *,
+    seeds: torch.Tensor | np.ndarray | None = None,
+    n: int = CORE_POINTS,
+    steps: int | None = None,
+    pairs: int = DDV_PAIRS,
+    seed: int = 0,
+    contrast: bool = False,
+    confidence: float = CORE_CONFIDENCE,
+    step: float = CORE_STEP,
+) -> Probe:
+    """Core points, the source's outputs on them, and ddv pairs: the source's side of every method.
+
+    The ddv pairs are `pairs` pairs of random draws of the input domain (as core points start: Gaussian
+    with the seeds' statistics, seed text windows, or random tokens). A source whose outputs are an
+    embedding gets no core points (only ddv applies). `contrast`: also build boundary points, whose
+    agreement `agreement` reports beside the core points' (DeepCore's contrast). `n`, `steps`, `seed`,
+    `confidence`, `step`: as `core_points`.
+
+    Raises:
+        VerifyError: the source cannot run on its input domain, or outputs NaN.
+    """
+    start_time = time.perf_counter()
+    core = boundary = None
+    if source.outputs == "labels":
+        core = core_points(source, seeds=seeds, n=n, steps=steps, seed=seed, confidence=confidence, step=step)
+        if contrast:
+            boundary = core_points(source, seeds=seeds, n=n, steps=steps, seed=seed, step=step, variant="boundary")
+    gen = torch.Generator().manual_seed(seed + 1)
+    domain = source.domain
+    if domain.kind == "continuous":
+        mean, spread = _spread_of(domain, seeds)
+        profile = mean + spread * torch.randn((2 * pairs, *domain.shape), generator=gen)
+    else:
+        profile = _token_pool(domain, seeds, 2 * pairs, gen)
+    profile = profile.to(source.device)
+    return Probe(
+        source=source, core=core, source_probs=source.probs(core.inputs) if core is not None else None,
+        pairs=profile, source_ddv=_ddv(source, profile), boundary=boundary,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _ddv(model: RunnableModel, pairs: torch.Tensor) -> torch.Tensor:
+    """Decision-distance vector: cosine distance of the model's (centred) outputs on each input pair."""
+    out = model.logits(pairs)
+    if model.outputs == "labels":
+        out = out - out.mean(dim=1, keepdim=True)  # softmax ignores a shift; so does the comparison
+    m = len(out) // 2
+    return 1.0 - F.cosine_similarity(out[:m], out[m:], dim=1, eps=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+
+def _require_labels(model: RunnableModel) -> None:
+    if model.outputs != "labels":
+        raise VerifyError(f"{model.name} outputs an embedding, not labels: compare it with ddv")
+
+
+def _check_pair(source: RunnableModel, suspect: RunnableModel, *, same_labels: bool) -> None:
+    why = source.domain.mismatch(suspect.domain)
+    if why:
+        raise VerifyError(f"{source.name} and {suspect.name} cannot take the same inputs: {why}")
+    if same_labels:
+        _require_labels(source)
+        _require_labels(suspect)
+        if source.n_outputs != suspect.n_outputs:
+            raise VerifyError(
+                f"label spaces differ ({source.n_outputs} vs {suspect.n_outputs} outputs): agreement, distance "
+                "and cluster compare labels; ddv compares models with different heads"
+            )
+
+
+def _js_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence per row, in bits (0: same distribution, 1: disjoint)."""
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * (torch.log2(a.clamp_min(1e-30)) - torch.log2(m.clamp_min(1e-30))), 0.0).sum(1)
+
+    return (0.5 * kl(p) + 0.5 * kl(q)).clamp(0.0, 1.0)
+
+
+def _core(probe: Probe) -> tuple[CorePoints, torch.Tensor]:
+    if probe.core is None or probe.source_probs is None:
+        raise VerifyError(f"{probe.source.name} outputs an embedding, not labels: compare it with ddv")
+    confidence = float(probe.core.confidence.mean())
+    if probe.core.variant == "core" and confidence < MIN_SOURCE_CONFIDENCE:
+        # Near-uniform outputs agree with anything near-uniform: no evidence either way.
+        raise VerifyError(
+            f"{probe.source.name} is not confident on its core points (mean {confidence:.2f} < "
+            f"{MIN_SOURCE_CONFIDENCE}): its labels carry too little to compare (an untrained model?)"
+        )
+    return probe.core, probe.source_probs
+
+
+def _inputs_for(probe: Probe, suspect: RunnableModel, x: torch.Tensor) -> torch.Tensor:
+    if probe.source.domain.kind == "tokens":
+        x = x[:, : suspect.domain.context or x.shape[1]]
+    return x.to(suspect.device)
+
+
+def _agreement(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, Any]]:
+    core, _ = _core(probe)
+    _check_pair(probe.source, suspect, same_labels=True)
+    probs = suspect.probs(_inputs_for(probe, suspect, core.inputs)).to(probe.source.device)
+    labels = core.labels
+    agree = float((probs.argmax(dim=1) == labels).float().mean())
+    evidence = {
+        "agreement": round(agree, 4),
+        "core_points": len(labels),
+        "source_confidence": round(float(core.confidence.mean()), 4),
+        "suspect_confidence": round(float(probs.gather(1, labels[:, None]).mean()), 4),
+    }
+    if probe.boundary is not None:
+        b = suspect.probs(_inputs_for(probe, suspect, probe.boundary.inputs)).argmax(dim=1).to(probe.source.device)
+        evidence["boundary_agreement"] = round(float((b == probe.boundary.labels).float().mean()), 4)
+    return agree, evidence
+
+
+def _distance(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, Any]]:
+    core, source_probs = _core(probe)
+    _check_pair(probe.source, suspect, same_labels=True)
+    probs = suspect.probs(_inputs_for(probe, suspect, core.inputs)).to(probe.source.device)
+    js = _js_bits(source_probs, probs)
+    agree = float((probs.argmax(dim=1) == core.labels).float().mean())
+    return float(js.mean()), {
+        "js_bits": round(float(js.mean()), 4),
+        "js_max": round(float(js.max()), 4),
+        "agreement": round(agree, 4),
+        "core_points": len(js),
+    }
+
+
+def _ddv_score(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, Any]]:
+    _check_pair(probe.source, suspect, same_labels=False)
+    theirs = _ddv(suspect, _inputs_for(probe, suspect, probe.pairs)).to(probe.source.device)
+    sim = float(F.cosine_similarity(probe.source_ddv, theirs, dim=0, eps=1e-12))
+    return sim, {
+        "ddv_similarity": round(sim, 4),
+        "pairs": len(theirs),
+        "source_outputs": probe.source.n_outputs,
+        "suspect_outputs": suspect.n_outputs,
+        # THRESHOLDS["ddv"] come from same-label-space pairs; across heads scores run lower (see THRESHOLDS).
+        "label_spaces_differ": probe.source.n_outputs != suspect.n_outputs,
+    }
+
+
+_PAIR_METHODS = {"agreement": _agreement, "distance": _distance, "ddv": _ddv_score}
+
+
+def verify_pair(
+    source: RunnableModel | Probe,
+    suspect: RunnableModel | BaseException | str,
+    method: str = "agreement",
+    *,
+    thresholds: Thresholds | None = None,
+    **probe_options: Any,
+) -> Verdict:
+    """One method's verdict on a (source, suspect) pair; never raises.
+
+    Args:
+        source: the protected model, or its Probe (make one with `make_probe` to verify many suspects).
+        suspect: the model to judge; an exception or a string stands for a suspect that failed to load,
+            and becomes an `error` verdict with that reason.
+        method: "agreement", "distance" or "ddv" ("cluster" needs a group: `verify_group`).
+        thresholds: instead of THRESHOLDS[method].
+        probe_options: `make_probe` options (seeds, n, steps, seed, contrast) when `source` is a model.
+
+    Returns:
+        A Verdict; `error` with a reason when the pair cannot be compared.
+    """
+    start = time.perf_counter()
+    source_name = source.source.name if isinstance(source, Probe) else source.name
+    suspect_name = suspect.name if isinstance(suspect, RunnableModel) else ""
+    cut = thresholds or THRESHOLDS.get(method)
+    cut_dict = cut.as_dict() if cut else {}
+
+    def failed(reason: str) -> Verdict:
+        return Verdict(method, None, ERROR, cut_dict, reason=reason, source=source_name, suspect=suspect_name,
+                       seconds=time.perf_counter() - start)
+
+    if method == "cluster":
+        if isinstance(suspect, RunnableModel):
+            return verify_group(source, [suspect], thresholds=thresholds, **probe_options)[0]
+        return failed(_reason(suspect))
+    if method not in _PAIR_METHODS or cut is None:
+        return failed(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    if not isinstance(suspect, RunnableModel):
+        return failed(_reason(suspect))
+    try:
+        # The cheap checks first: a source's probe costs seconds, a mismatch is known at once.
+        _check_pair(source.source if isinstance(source, Probe) else source, suspect, same_labels=method != "ddv")
+        probe = source if isinstance(source, Probe) else make_probe(source, **probe_options)
+        score, evidence = _PAIR_METHODS[method](probe, suspect)
+    except Exception as exc:  # noqa: BLE001 -- one bad pair must never stop a sweep
+        return failed(_reason(exc))
+    if not np.isfinite(score):
+        return failed(f"{method} score is not finite ({score})")
+    return Verdict(method, round(score, 6), cut.verdict(score), cut_dict, evidence, source=source_name,
+                   suspect=suspect_name, seconds=time.perf_counter() - start)
+
+
+def verify_group(
+    source: RunnableModel | Probe,
+    suspects: Sequence[RunnableModel | BaseException | str],
+    references: Mapping[str, Sequence[RunnableModel]] | None = None,
+    *,
+    thresholds: Thresholds | None = None,
+    **probe_options: Any,
+) -> list[Verdict]:
+    """DeepCore's clustering method: one verdict per suspect, in order; never raises.
+
+    Every model's softmax outputs on the core points make one prediction vector; the source, the
+    references and the suspects are clustered (average linkage over the mean Jensen-Shannon divergence
+    between vectors) into two groups, or one when even the two groups' linkage lies within the
+    `distance` method's pirated threshold (everyone is a copy). A suspect's score is its side: its mean
+    divergence to the other group over the sum of its mean divergences to both groups (1: deep in the
+    source's group, 0: deep in the other). Score at or above THRESHOLDS["cluster"].pirated: pirated;
+    below, homolog, or unrelated when its divergence from the source passes the `distance` method's
+    unrelated threshold.
+
+    Args:
+        references: known models that anchor the groups: `{"homolog": [...], "pirated": [...]}`
+            (e.g. a model the owner trained apart from the source on the same data, and a fine-tune).
+            Without homolog references, two or more suspects are needed to tell two groups apart.
+
+    Returns:
+        One verdict per suspect, in order; `evidence` holds the groups and the suspect's divergence
+        from the source.
+    """
+    start = time.perf_counter()
+    cut = thresholds or THRESHOLDS["cluster"]
+    source_name = source.source.name if isinstance(source, Probe) else source.name
+    verdicts: list[Verdict | None] = [None] * len(suspects)
+
+    def failed(i: int, reason: str) -> None:
+        name = suspects[i].name if isinstance(suspects[i], RunnableModel) else ""
+        verdicts[i] = Verdict("cluster", None, ERROR, cut.as_dict(), reason=reason, source=source_name,
+                              suspect=name, seconds=time.perf_counter() - start)
+
+    model = source.source if isinstance(source, Probe) else source
+    refs = [(role, m) for role in ("pirated", "homolog") for m in (references or {}).get(role, ())]
+    try:
+        for role, ref in refs:
+            try:
+                _check_pair(model, ref, same_labels=True)
+            except VerifyError as exc:
+                raise VerifyError(f"reference {ref.name} ({role}) cannot be compared: {exc}") from exc
+        usable: list[tuple[int, RunnableModel]] = []  # comparable suspects, checked before the probe's cost
+        for i, suspect in enumerate(suspects):
+            if not isinstance(suspect, RunnableModel):
+                failed(i, _reason(suspect))
+                continue
+            try:
+                _check_pair(model, suspect, same_labels=True)
+                usable.append((i, suspect))
+            except VerifyError as exc:
+                failed(i, _reason(exc))
+        if not usable:
+            return [v for v in verdicts if v is not None]
+        if len(refs) + len(usable) < 2:
+            for i, _ in usable:
+                failed(i, "clustering needs a group: give two or more suspects, or homolog references")
+            return [v for v in verdicts if v is not None]
+        probe = source if isinstance(source, Probe) else make_probe(source, **probe_options)
+        core, source_probs = _core(probe)
+        names: list[str] = [source_name]
+        vectors: list[torch.Tensor] = [source_probs]
+        roles: list[str] = ["source"]
+        for role, ref in refs:
+            vectors.append(ref.probs(_inputs_for(probe, ref, core.inputs)).to(model.device))
+            names.append(ref.name)
+            roles.append(role)
+    except Exception as exc:  # noqa: BLE001 -- a broken source or reference fails every verdict, never raises
+        for i in range(len(suspects)):
+            if verdicts[i] is None:
+                failed(i, _reason(exc))
+        return [v for v in verdicts if v is not None]
+    members: list[int] = []  # suspect index of each vector after the references
+    for i, suspect in usable:
+        try:
+            vectors.append(suspect.probs(_inputs_for(probe, suspect, core.inputs)).to(model.device))
+        except Exception as exc:  # noqa: BLE001
+            failed(i, _reason(exc))
+            continue
+        names.append(suspect.name)
+        roles.append("suspect")
+        members.append(i)
+    count = len(vectors)
+    dist = np.zeros((count, count))
+    for a in range(count):
+        for b in range(a + 1, count):
+            dist[a, b] = dist[b, a] = float(_js_bits(vectors[a], vectors[b]).mean())
+    # Models past the distance method's unrelated threshold are unrelated outright; clustering them
+    # would only split them off and leave copies and homologs in one group.
+    unrelated_cut = THRESHOLDS["distance"].unrelated
+    kept = [k for k in range(count) if k == 0 or roles[k] != "suspect" or dist[k, 0] <= unrelated_cut]
+    groups, linkage = _two_groups(dist[np.ix_(kept, kept)], merge_below=THRESHOLDS["distance"].pirated)
+    groups = [[kept[k] for k in g] for g in groups]
+    own = groups[0]
+    other = groups[1] if len(groups) > 1 else []
+    group_names = [[names[k] for k in g] for g in groups]
+    for offset, i in enumerate(members):
+        j = count - len(members) + offset
+        to_own = [dist[j, k] for k in own if k != j]
+        to_other = [dist[j, k] for k in other if k != j]
+        d_own = float(np.mean(to_own)) if to_own else 0.0
+        # Nothing else in the other group: the suspect is that group (0), or there is none (as far as can be).
+        d_other = float(np.mean(to_other)) if to_other else (0.0 if j in other else 1.0)
+        score = d_other / (d_own + d_other) if d_own + d_other > 0 else 1.0
+        if dist[j, 0] > unrelated_cut:
+            score, verdict = 0.0, UNRELATED
+        else:
+            verdict = cut.verdict(score)
+            verdict = HOMOLOG if verdict == UNRELATED else verdict
+        verdicts[i] = Verdict(
+            "cluster", round(score, 6), verdict, cut.as_dict(),
+            {
+                "groups": group_names,
+                "in_source_group": j in own,
+                "linkage": round(linkage, 4),
+                "js_to_source": round(float(dist[j, 0]), 4),
+                "core_points": len(core.labels),
+                "references": {r: [names[k] for k in range(count) if roles[k] == r] for r in ("pirated", "homolog")},
+            },
+            source=source_name, suspect=names[j], seconds=time.perf_counter() - start,
+        )
+    return [v for v in verdicts if v is not None]
+
+
+def _two_groups(dist: np.ndarray, *, merge_below: float) -> tuple[list[list[int]], float]:
+    """Average-linkage clustering down to two groups, the source's (index 0) first.
+
+    Returns one group when the last merge would join groups closer than `merge_below`; and the linkage
+    (mean pairwise distance) between the two groups.
+    """
+    groups: list[list[int]] = [[i] for i in range(len(dist))]
+
+    def link(a: list[int], b: list[int]) -> float:
+        return float(dist[np.ix_(a, b)].mean())
+
+    while len(groups) > 2:
+        best = min((link(groups[a], groups[b]), a, b) for a in range(len(groups)) for b in range(a + 1, len(groups)))
+        _, a, b = best
+        groups[a] = groups[a] + groups[b]
+        del groups[b]
+    linkage = link(groups[0], groups[1]) if len(groups) == 2 else 0.0
+    if len(groups) == 2 and linkage <= merge_below:
+        groups = [groups[0] + groups[1]]
+    groups.sort(key=lambda g: 0 not in g)
+    return groups, linkage
+
+
+def _reason(exc: BaseException | str) -> str:
+    if isinstance(exc, str):
+        return exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, VerifyError) or type(exc).__module__.startswith("pipeline"):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------------------------- URIs
+
+
+def verify_uris(
+    source: str,
+    suspect: str,
+    method: str = "agreement",
+    *,
+    device: str = "cpu",
+    seeds: torch.Tensor | np.ndarray | None = None,
+    source_arch: str | None = None,
+    suspect_arch: str | None = None,
+    **probe_options: Any,
+) -> Verdict:
+    """Load both models (`load_runnable`) and verify the pair; never raises.
+
+    A source or suspect that fails to load gives an `error` verdict with the loader's reason.
+    """
+    start = time.perf_counter()
+    try:
+        model = load_runnable(source, arch=source_arch, device=device)
+    except Exception as exc:  # noqa: BLE001
+        cut = THRESHOLDS.get(method)
+        return Verdict(method, None, ERROR, cut.as_dict() if cut else {}, reason=f"source: {_reason(exc)}",
+                       source=source, suspect=suspect, seconds=time.perf_counter() - start)
+    try:
+        other: RunnableModel | BaseException = load_runnable(suspect, arch=suspect_arch, device=device)
+    except Exception as exc:  # noqa: BLE001
+        other = exc
+    verdict = verify_pair(model, other, method, seeds=seeds, **probe_options)
+    return Verdict(**{**{f: getattr(verdict, f) for f in Verdict.__dataclass_fields__},
+                      "suspect": verdict.suspect or suspect, "seconds": time.perf_counter() - start})

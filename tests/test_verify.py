@@ -1,0 +1,417 @@
+"""Stage 2 on real models trained here on digits: copies, homologs, unrelated models and bad inputs.
+
+The models train in a few seconds (module-scoped); every checkpoint goes through the real loader
+(`pipeline.formats` -> `load_runnable`), as a sweep would read it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from checkpoints import save_model
+from safetensors.torch import save_file
+from torch import nn
+
+from bench.quality_zoo import bnfold
+from bench.zoo import fine_tune, load_digits_split, make_model, state_dict_of, train_cnn, train_mlp
+from pipeline.cli import main as cli_main
+from pipeline.errors import VerifyError
+from pipeline.verify.archs import TinyGPT
+from pipeline.verify.behavior import (
+    THRESHOLDS,
+    core_points,
+    make_probe,
+    verify_group,
+    verify_pair,
+    verify_uris,
+)
+from pipeline.verify.runnable import load_runnable
+
+POINTS = 100  # a smaller probe than the default keeps the file fast; the verdicts hold at this size
+
+
+def _distill(teacher: nn.Module, data, seed: int, epochs: int = 30, temperature: float = 2.0) -> nn.Module:
+    """A student of the same architecture trained only on the teacher's soft labels."""
+    student = make_model("mlp", seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    student.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(data.x_train), generator=gen).split(64):
+            x = data.x_train[batch]
+            with torch.no_grad():
+                soft = F.softmax(teacher(x) / temperature, dim=1)
+            opt.zero_grad()
+            F.kl_div(F.log_softmax(student(x) / temperature, dim=1), soft, reduction="batchmean").backward()
+            opt.step()
+    return student.eval()
+
+
+def _train_on(model: nn.Module, data, labels: torch.Tensor, seed: int, epochs: int, params=None) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(labels), generator=gen).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(data.x_train[batch]), labels[batch]).backward()
+            opt.step()
+    return model.eval()
+
+
+def _new_head(model: nn.Module, data, seed: int) -> nn.Module:
+    """Another task on the same body: a 2-class head (digit >= 5) trained on top of frozen layers."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(model)
+    model.fc3 = nn.Linear(model.fc3.in_features, 2)
+    return _train_on(model, data, (data.y_train >= 5).long(), seed, 5, params=model.fc3.parameters())
+
+
+def _confident_gpt(seed: int) -> dict[str, torch.Tensor]:
+    """An untrained TinyGPT whose (tied) head is scaled up: random, but confident like a trained one.
+
+    (Its guess is mostly the last token again, for every seed: fine for the loader and the search, not
+    for telling homologs apart.)
+    """
+    torch.manual_seed(seed)
+    state = TinyGPT().state_dict()
+    state["transformer.wte.weight"] = state["transformer.wte.weight"] * 100
+    return state
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Model folders by role, trained on digits."""
+    root = tmp_path_factory.mktemp("verify_zoo")
+    torch.set_num_threads(1)
+    data = load_digits_split()
+    source = train_mlp(data, seed=0)
+    homolog = train_mlp(data, seed=1)
+    states = {
+        "source": state_dict_of(source),
+        "finetuned": state_dict_of(fine_tune(source, data, seed=1000)),
+        "distilled": state_dict_of(_distill(source, data, seed=100)),
+        "homolog": state_dict_of(homolog),
+        "homolog2": state_dict_of(train_mlp(data, seed=2)),
+        # Same inputs and label space, another task: labels permuted.
+        "unrelated": state_dict_of(_train_on(make_model("mlp", 50), data, (data.y_train * 3 + 1) % 10, 50, 15)),
+        "newhead": state_dict_of(_new_head(source, data, 7)),
+        "newhead-homolog": state_dict_of(_new_head(homolog, data, 7)),
+    }
+    paths = {name: str(save_model(root / name, sd)) for name, sd in states.items()}
+    base = states["source"]
+    paths["fp16"] = str(save_model(root / "fp16", {k: v.half() for k, v in base.items()}))
+    paths["bf16-model"] = str(save_model(root / "bf16", {f"model.{k}": v.bfloat16() for k, v in base.items()}))
+    paths["module-bin"] = str(save_model(root / "bin", {f"module.{k}": v for k, v in base.items()}, fmt="bin"))
+    nan = {k: v.clone() for k, v in base.items()}
+    nan["fc1.weight"][0, :] = float("nan")
+    paths["nan"] = str(save_model(root / "nan", nan))
+    cnn = state_dict_of(train_cnn(data, seed=0, epochs=2))
+    paths["cnn"] = str(save_model(root / "cnn", cnn, arch="cnn"))
+    paths["cnn-folded"] = str(save_model(root / "cnn-folded", bnfold("cnn", cnn), arch="cnn"))
+    gpt = _confident_gpt(0)
+    paths["gpt"] = str(save_model(root / "gpt", gpt, arch="gpt"))
+    paths["gpt-renamed"] = str(save_model(root / "gpt-renamed", {f"module.{k}": v for k, v in gpt.items()}, arch="gpt"))
+    paths["gpt-homolog"] = str(save_model(root / "gpt-homolog", _confident_gpt(1), arch="gpt"))
+    truncated = save_model(root / "truncated", base)
+    raw = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    paths["truncated"] = str(truncated)
+    paths["unknown-arch"] = str(save_model(root / "unknown", base, arch="nonesuch"))
+    paths["root"] = str(root)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def probe(zoo):
+    return make_probe(load_runnable(zoo["source"]), n=POINTS)
+
+
+def _suspect(zoo, name: str):
+    return load_runnable(zoo[name])
+
+
+# ------------------------------------------------------------------------------------- verdicts
+
+
+def test_fine_tuned_and_distilled_copies_are_pirated_and_above_the_homolog(zoo, probe):
+    homolog = {m: verify_pair(probe, _suspect(zoo, "homolog"), m) for m in ("agreement", "distance")}
+    assert all(v.verdict == "homolog" for v in homolog.values()), homolog
+    for name in ("finetuned", "distilled"):
+        agreement = verify_pair(probe, _suspect(zoo, name), "agreement")
+        distance = verify_pair(probe, _suspect(zoo, name), "distance")
+        assert distance.verdict == "pirated", (name, distance)
+        assert agreement.score > homolog["agreement"].score, (name, agreement, homolog)
+        assert distance.score < homolog["distance"].score, (name, distance, homolog)
+    assert verify_pair(probe, _suspect(zoo, "finetuned"), "agreement").verdict == "pirated"
+
+
+def test_evidence_names_the_score_the_thresholds_and_the_core_points(zoo, probe):
+    v = verify_pair(probe, _suspect(zoo, "finetuned"), "agreement")
+    assert v.thresholds == THRESHOLDS["agreement"].as_dict()
+    assert v.evidence["core_points"] == POINTS and v.evidence["agreement"] == pytest.approx(v.score, abs=1e-4)
+    assert v.evidence["source_confidence"] >= 0.85  # the core points are confident for the source
+    assert v.source == "source" and v.suspect == "finetuned" and v.reason is None
+    json.dumps(v.to_dict())
+
+
+def test_a_model_of_another_task_is_unrelated(zoo, probe):
+    for method in ("agreement", "distance"):
+        v = verify_pair(probe, _suspect(zoo, "unrelated"), method)
+        assert v.verdict == "unrelated", v
+
+
+def test_ddv_compares_models_whose_heads_differ(zoo, probe):
+    for name in ("newhead", "newhead-homolog"):
+        v = verify_pair(probe, _suspect(zoo, name), "ddv")
+        assert v.verdict != "error" and -1.0 <= v.score <= 1.0, v
+        assert v.evidence["suspect_outputs"] == 2 and v.evidence["label_spaces_differ"]
+
+
+def test_cluster_puts_copies_with_the_source(zoo, probe):
+    # (A distilled copy behaves much like a homolog on digits: clustering groups it with them.)
+    suspects = [_suspect(zoo, n) for n in ("finetuned", "homolog2", "fp16", "unrelated")]
+    verdicts = verify_group(probe, suspects, {"homolog": [_suspect(zoo, "homolog")]})
+    assert [v.verdict for v in verdicts] == ["pirated", "homolog", "pirated", "unrelated"], verdicts
+    assert verdicts[0].score > 0.5 > verdicts[1].score
+    assert verdicts[0].evidence["references"]["homolog"] == ["homolog"]
+    # Without references, the suspects alone make the group; the unrelated model stays out of it.
+    verdicts = verify_group(probe, suspects)
+    assert [v.verdict for v in verdicts] == ["pirated", "homolog", "pirated", "unrelated"], verdicts
+    alone = verify_pair(probe, _suspect(zoo, "finetuned"), "cluster")
+    assert alone.verdict == "error" and "group" in alone.reason
+
+
+def test_probe_is_deterministic(zoo):
+    source = load_runnable(zoo["source"])
+    a, b = core_points(source, n=20, seed=3), core_points(source, n=20, seed=3)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert sorted(set(a.labels.tolist())) == list(range(10))  # targets spread over every class
+    boundary = core_points(source, n=20, variant="boundary")
+    assert float(boundary.confidence.mean()) < float(a.confidence.mean())
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("variant", ["fp16", "bf16-model", "module-bin"])
+def test_cast_renamed_and_bin_copies_load_and_agree_fully(zoo, probe, variant):
+    v = verify_pair(probe, _suspect(zoo, variant), "agreement")
+    assert v.verdict == "pirated" and v.score >= 0.99, v
+
+
+def test_folded_batchnorm_loads_and_behaves_the_same(zoo):
+    plain, folded = load_runnable(zoo["cnn"]), load_runnable(zoo["cnn-folded"])
+    assert "folded BatchNorm" in folded.notes and not plain.notes
+    x = torch.randn(16, 64)
+    assert torch.allclose(plain.logits(x), folded.logits(x), atol=1e-4)
+    v = verify_pair(plain, folded, "distance", n=30)
+    assert v.verdict == "pirated" and v.score < 1e-3
+
+
+def test_token_models_probe_by_greedy_search(zoo):
+    source = load_runnable(zoo["gpt"])
+    assert source.domain.kind == "tokens" and source.domain.vocab == 256 and source.n_outputs == 256
+    probe = make_probe(source, n=20, steps=3, pairs=20)
+    assert float(probe.core.confidence.mean()) > 0.5  # the greedy search found confident sequences
+    same = verify_pair(probe, load_runnable(zoo["gpt-renamed"]), "agreement")
+    other = verify_pair(probe, load_runnable(zoo["gpt-homolog"]), "distance")
+    assert same.score == 1.0 and other.verdict != "error"
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("suspect", "method", "reason"),
+    [
+        ("gpt", "agreement", "cannot take the same inputs: input kinds differ"),
+        ("gpt", "ddv", "input kinds differ"),
+        ("newhead", "agreement", "label spaces differ (10 vs 2 outputs)"),
+        ("newhead", "cluster", "label spaces differ"),
+        ("nan", "agreement", "non-finite outputs"),
+        ("truncated", "distance", "truncated"),
+        ("unknown-arch", "agreement", "nonesuch"),
+        ("missing", "ddv", "no such file or folder"),
+    ],
+)
+def test_bad_suspects_get_an_error_verdict_with_a_reason(zoo, suspect, method, reason):
+    uri = zoo.get(suspect, os.path.join(zoo["root"], suspect))
+    v = verify_uris(zoo["source"], uri, method, n=20)
+    assert v.verdict == "error" and v.score is None, v
+    assert reason in v.reason, v.reason
+
+
+def test_a_source_that_cannot_run_is_an_error_too(zoo):
+    v = verify_uris(zoo["nan"], zoo["source"], "agreement", n=20)
+    assert v.verdict == "error" and "non-finite" in v.reason
+    v = verify_uris(zoo["truncated"], zoo["source"], "agreement")
+    assert v.verdict == "error" and v.reason.startswith("source: ")
+
+
+def test_unknown_method_is_an_error_verdict(zoo, probe):
+    v = verify_pair(probe, _suspect(zoo, "finetuned"), "telepathy")
+    assert v.verdict == "error" and "unknown method" in v.reason
+
+
+class _Call:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def test_a_hostile_pickle_is_refused_and_never_runs(zoo, tmp_path):
+    pwned = tmp_path / "pwned"
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "pytorch_model.bin", "w") as out:
+        out.writestr("archive/data.pkl", pickle.dumps({"fc1.weight": _Call(os.system, f"touch {pwned}")}))
+        out.writestr("archive/version", "3\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "mlp"}))
+    v = verify_uris(zoo["source"], str(folder), "agreement")
+    assert v.verdict == "error" and "forbidden global" in v.reason
+    assert not pwned.exists()
+
+
+def test_vision_libraries_are_optional(zoo):
+    for package in ("torchvision", "timm"):
+        try:
+            __import__(package)
+        except Exception:  # noqa: BLE001 -- absent, or a wheel built for another torch
+            with pytest.raises(VerifyError, match=f"{package} (is not installed|does not import)"):
+                load_runnable(zoo["source"], arch=f"{package}:resnet18")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_prints_the_evidence(zoo, capsys):
+    rc = cli_main(["verify", zoo["source"], zoo["finetuned"], zoo["homolog"], zoo["truncated"],
+                   "--method", "all", "--points", "40"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "core points" in out and "suspect finetuned" in out and "suspect homolog" in out
+    for method in ("agreement", "distance", "ddv", "cluster"):
+        assert method in out
+    assert f"pirated >= {THRESHOLDS['agreement'].pirated}" in out and "score" in out
+    assert "error" in out and "truncated" in out  # the broken suspect is reported, not fatal
+
+
+def test_cli_json_and_a_source_that_cannot_run(zoo, capsys):
+    assert cli_main(["verify", zoo["source"], zoo["finetuned"], "--json", "--points", "30"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"]["core_points"] == 30
+    assert [v["verdict"] for v in report["verdicts"]] == ["pirated"]
+    assert cli_main(["verify", zoo["unknown-arch"], zoo["finetuned"]]) == 2
+    assert "nonesuch" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ Hugging Face models
+
+
+def _save_hf(folder: Path, model: nn.Module, *, rename=None, drop=(), config: dict | None = None) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
+    save_file({(rename(k) if rename else k): v for k, v in state.items()}, str(folder / "model.safetensors"))
+    if config is None:
+        config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def _confident(model: nn.Module) -> nn.Module:
+    """An untrained classifier's head scaled up, so that it is confident somewhere (as a trained one is)."""
+    with torch.no_grad():
+        model.classifier.weight.mul_(300)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny transformers models built from configs here (nothing downloaded), and their checkpoints."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    small = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 64}
+    torch.manual_seed(0)
+    bert = _confident(transformers.BertForSequenceClassification(transformers.BertConfig(**small, num_labels=3)))
+    torch.manual_seed(1)
+    bert2 = _confident(transformers.BertForSequenceClassification(transformers.BertConfig(**small, num_labels=3)))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                bos_token_id=0, eos_token_id=0)
+    ).eval()
+    encoder = transformers.BertModel(transformers.BertConfig(**small)).eval()
+    return {
+        "bert-model": bert,
+        "gpt2-model": gpt2,
+        "bert": _save_hf(root / "bert", bert),
+        "bert-renamed": _save_hf(root / "bert-renamed", bert, rename=lambda k: f"module.{k}"),
+        "bert-other": _save_hf(root / "bert-other", bert2),
+        # The LM head is tied to the embedding: checkpoints leave it out.
+        "gpt2": _save_hf(root / "gpt2", gpt2, drop=("lm_head.weight",)),
+        "encoder": _save_hf(root / "encoder", encoder),
+        "bert-partial": _save_hf(root / "bert-partial", bert, drop=("classifier.weight", "classifier.bias")),
+        "root": root,
+    }
+
+
+def test_transformers_classifier_loads_from_its_config_and_runs_as_built(hf):
+    model = load_runnable(hf["bert"])
+    assert model.arch == "hf:BertForSequenceClassification" and model.n_outputs == 3
+    assert model.domain.kind == "tokens" and model.domain.vocab == 300 and model.domain.context == 64
+    x = torch.randint(0, 300, (5, 16))
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x), hf["bert-model"](input_ids=x).logits, atol=1e-5)
+    probe = make_probe(model, n=20, steps=3, pairs=20)
+    assert float(probe.core.confidence.mean()) > 0.5
+    assert verify_pair(probe, load_runnable(hf["bert-renamed"]), "agreement").score == 1.0
+    assert verify_pair(probe, load_runnable(hf["bert-other"]), "distance").verdict != "pirated"
+    # An untrained model's near-uniform outputs are no evidence: the label methods refuse them.
+    lm = make_probe(load_runnable(hf["gpt2"]), n=10, steps=1, pairs=10)
+    v = verify_pair(lm, load_runnable(hf["gpt2"]), "agreement")
+    assert v.verdict == "error" and "not confident" in v.reason
+
+
+def test_transformers_lm_with_a_tied_head_loads(hf):
+    model = load_runnable(hf["gpt2"])
+    assert model.n_outputs == 300 and not model.notes
+    x = torch.randint(0, 300, (3, 10))
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x), hf["gpt2-model"](input_ids=x).logits[:, -1], atol=1e-5)
+
+
+def test_a_bare_encoder_is_compared_by_ddv_only(hf):
+    encoder = load_runnable(hf["encoder"])
+    assert encoder.outputs == "embedding" and encoder.n_outputs == 32
+    assert verify_pair(encoder, encoder, "ddv", pairs=20).score == pytest.approx(1.0)
+    v = verify_pair(encoder, encoder, "agreement")
+    assert v.verdict == "error" and "embedding" in v.reason
+
+
+def test_transformers_checkpoints_that_do_not_fit_are_refused(hf):
+    with pytest.raises(VerifyError, match="lacks 2 tensors"):
+        load_runnable(hf["bert-partial"])
+    v = verify_uris(hf["bert"], hf["gpt2"], "agreement")
+    assert v.verdict == "error" and "label spaces differ (3 vs 300 outputs)" in v.reason
+
+
+def test_custom_code_is_never_run(hf, tmp_path):
+    pwned = tmp_path / "pwned"
+    folder = Path(_save_hf(hf["root"] / "custom", hf["bert-model"], config={
+        "model_type": "evil-net", "architectures": ["EvilModel"], "auto_map": {"AutoModel": "evil.EvilModel"},
+    }))
+    (folder / "evil.py").write_text(f"open({str(pwned)!r}, 'w').close()\n")
+    with pytest.raises(VerifyError, match="custom code is never run"):
+        load_runnable(str(folder))
+    assert not pwned.exists()
