@@ -22,6 +22,8 @@ from pipeline.verify.behavior import (
     CORE_POINTS,
     CORE_STEPS,
     METHODS,
+    TOKEN_POINTS,
+    TOKEN_STEPS,
     Probe,
     Verdict,
     make_probe,
@@ -71,8 +73,8 @@ def verify(
     pirated: tuple[str, ...] = (),
     arch: str | None = None,
     suspect_arch: str | None = None,
-    n: int = CORE_POINTS,
-    steps: int = CORE_STEPS,
+    n: int | None = None,
+    steps: int | None = None,
     seed: int = 0,
     contrast: bool = False,
     device: str = "cpu",
@@ -154,8 +156,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None, help="the source's architecture (mlp, cnn, resnet, gpt, "
                         "torchvision:NAME, timm:NAME, hf) when config.json does not say")
     parser.add_argument("--suspect-arch", default=None, help="the suspects' architecture, likewise")
-    parser.add_argument("--points", type=int, default=CORE_POINTS, help=f"core points (default {CORE_POINTS})")
-    parser.add_argument("--steps", type=int, default=CORE_STEPS, help=f"optimisation steps (default {CORE_STEPS})")
+    parser.add_argument("--points", type=int, default=None,
+                        help=f"core points (default {CORE_POINTS}; {TOKEN_POINTS} for token models)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"search steps at most (default {CORE_STEPS}; {TOKEN_STEPS} for token models)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the probe (default 0)")
     parser.add_argument("--contrast", action="store_true", help="also report agreement on near-boundary points")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")

@@ -174,6 +174,7 @@ def test_ddv_compares_models_whose_heads_differ(zoo, probe):
         v = verify_pair(probe, _suspect(zoo, name), "ddv")
         assert v.verdict != "error" and -1.0 <= v.score <= 1.0, v
         assert v.evidence["suspect_outputs"] == 2 and v.evidence["label_spaces_differ"]
+        assert v.thresholds == THRESHOLDS["ddv-heads"].as_dict()
 
 
 def test_cluster_puts_copies_with_the_source(zoo, probe):

@@ -97,10 +97,12 @@ class Thresholds:
 THRESHOLDS: dict[str, Thresholds] = {
     "agreement": Thresholds(pirated=0.9, unrelated=0.2),
     "distance": Thresholds(pirated=0.11, unrelated=0.6, higher_is_closer=False),
-    # Across label spaces (a new head) ddv scores run lower and do not separate: a new 2-class head on the
-    # source's own body scored 0.54-0.77 on the zoo, and so did new heads on homologs. Such a pair rarely
-    # comes out pirated; a reused backbone is stage 1's finding (per-block codes).
     "ddv": Thresholds(pirated=0.98, unrelated=0.85),
+    # ddv across label spaces (a new head): scores run lower and do not separate. A new 2-class head on the
+    # source's own body scored 0.54-0.77 on the zoo, and so did new heads on homologs: such a pair is
+    # rarely called pirated (a reused backbone is stage 1's finding, by per-block codes), and `unrelated`
+    # is kept for scores far below anything seen (uncalibrated: no unrelated cross-head pairs yet).
+    "ddv-heads": Thresholds(pirated=0.98, unrelated=0.3),
     # The suspect's side between the source's group and the other (0.5: halfway); `unrelated` comes
     # from the divergence to the source, by the distance method's threshold (see verify_group).
     "cluster": Thresholds(pirated=0.5, unrelated=0.0),
@@ -116,7 +118,8 @@ MIN_SOURCE_CONFIDENCE = 0.5
 # Token inputs have no gradient: a greedy search tries this many single-token substitutions per sequence
 # and step, for at most TOKEN_STEPS steps (a forward pass per candidate: kept small for CPU).
 TOKEN_CANDIDATES = 8
-TOKEN_STEPS = 10
+TOKEN_STEPS = 20
+TOKEN_POINTS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +180,7 @@ def core_points(
     source: RunnableModel,
     *,
     seeds: torch.Tensor | np.ndarray | None = None,
-    n: int = CORE_POINTS,
+    n: int | None = None,
     steps: int | None = None,
     variant: str = "core",
     seed: int = 0,
@@ -190,10 +193,11 @@ def core_points(
     Start points are random draws of the input domain: for continuous inputs, Gaussian with the seeds'
     per-feature mean and standard deviation (`seeds`: real inputs, (N, *shape)), else with mean 0 and
     the domain's scale; for token inputs, windows of the seed text (a 1-D token stream or (N, L) ids),
-    else uniform random tokens. Each start gets a target label, spread round-robin over the classes and
+    else text a language model writes itself (sampled from it), or uniform random tokens for a sequence
+    classifier. Each start gets a target label, spread round-robin over the classes and
     different from the source's label on it; the search then moves it until the source gives the target
-    `confidence` (DeepCore: confidence grows with the distance from the boundary). `steps` bounds the
-    search: CORE_STEPS for continuous inputs, TOKEN_STEPS for tokens by default.
+    `confidence` (DeepCore: confidence grows with the distance from the boundary). `n` and `steps` default
+    to CORE_POINTS and CORE_STEPS for continuous inputs, TOKEN_POINTS and TOKEN_STEPS for tokens.
 
     Why random starts and a fixed confidence rather than real inputs pushed to saturation: on the zoo,
     points deep in a class (saturated confidence) are labelled alike by every model trained on the same
@@ -213,8 +217,9 @@ def core_points(
     """
     if variant not in ("core", "boundary"):
         raise ValueError(f"variant must be 'core' or 'boundary', not {variant!r}")
-    if steps is None:
-        steps = CORE_STEPS if source.domain.kind == "continuous" else TOKEN_STEPS
+    continuous = source.domain.kind == "continuous"
+    n = n if n is not None else CORE_POINTS if continuous else TOKEN_POINTS
+    steps = steps if steps is not None else CORE_STEPS if continuous else TOKEN_STEPS
     if n < 1 or steps < 0 or not 0.0 < confidence < 1.0:
         raise ValueError(f"need n >= 1, steps >= 0, 0 < confidence < 1 (got {n}, {steps}, {confidence})")
     start_time = time.perf_counter()
@@ -230,7 +235,8 @@ def core_points(
         x = _ascend(source, starts, targets, variant, steps=steps, step=step * spread, confidence=confidence,
                     low=low, high=high)
     else:
-        pool = _token_pool(domain, seeds, max(4 * n, 64), gen)
+        language_model = source.n_outputs == domain.vocab  # no classes to spread: n starts are enough
+        pool = _token_pool(source, seeds, n if language_model else max(4 * n, 64), gen)
         starts, targets = _targets(source, pool, n, gen)
         x = _mutate(source, starts, targets, variant, steps=steps, confidence=confidence, gen=gen)
     probs = source.probs(x)
@@ -254,11 +260,16 @@ def _spread_of(domain: InputDomain, seeds: torch.Tensor | np.ndarray | None) -> 
     return data.mean(dim=0), data.std(dim=0)
 
 
-def _token_pool(domain: InputDomain, seeds: torch.Tensor | np.ndarray | None, size: int,
+def _token_pool(source: RunnableModel, seeds: torch.Tensor | np.ndarray | None, size: int,
                 gen: torch.Generator) -> torch.Tensor:
-    """Start sequences: windows of the seed tokens, or uniform random tokens."""
+    """Start sequences: windows of the seed tokens; else text the model writes itself (a language model:
+    random tokens are far from anything it was trained on, and it is not confident there); else uniform
+    random tokens."""
+    domain = source.domain
     length = domain.shape[0]
     if seeds is None:
+        if source.outputs == "labels" and source.n_outputs == domain.vocab:
+            return _generate(source, size, length, gen)
         return torch.randint(0, domain.vocab, (size, length), generator=gen)
     data = torch.as_tensor(np.asarray(seeds)).long()
     if data.dim() == 1:
@@ -273,6 +284,15 @@ def _token_pool(domain: InputDomain, seeds: torch.Tensor | np.ndarray | None, si
     if int(data.min()) < 0 or int(data.max()) >= domain.vocab:
         raise VerifyError(f"seed token ids outside the vocabulary [0, {domain.vocab})")
     return data
+
+
+def _generate(source: RunnableModel, size: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """`size` sequences sampled from a language model (temperature 1), each from a random first token."""
+    x = torch.randint(0, source.domain.vocab, (size, 1), generator=gen)
+    for _ in range(length - 1):
+        probs = source.probs(x).cpu().double()
+        x = torch.cat([x, torch.multinomial(probs, 1, generator=gen)], dim=1)
+    return x
 
 
 def _targets(source: RunnableModel, pool: torch.Tensor, n: int, gen: torch.Generator
@@ -363,7 +383,7 @@ def make_probe(
     source: RunnableModel,
     *,
     seeds: torch.Tensor | np.ndarray | None = None,
-    n: int = CORE_POINTS,
+    n: int | None = None,
     steps: int | None = None,
     pairs: int = DDV_PAIRS,
     seed: int = 0,
@@ -394,7 +414,7 @@ def make_probe(
         mean, spread = _spread_of(domain, seeds)
         profile = mean + spread * torch.randn((2 * pairs, *domain.shape), generator=gen)
     else:
-        profile = _token_pool(domain, seeds, 2 * pairs, gen)
+        profile = _token_pool(source, seeds, 2 * pairs, gen)
     profile = profile.to(source.device)
     return Probe(
         source=source, core=core, source_probs=source.probs(core.inputs) if core is not None else None,
@@ -504,7 +524,7 @@ def _ddv_score(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, A
         "pairs": len(theirs),
         "source_outputs": probe.source.n_outputs,
         "suspect_outputs": suspect.n_outputs,
-        # THRESHOLDS["ddv"] come from same-label-space pairs; across heads scores run lower (see THRESHOLDS).
+        # Then THRESHOLDS["ddv-heads"] apply: across heads scores run lower (see THRESHOLDS).
         "label_spaces_differ": probe.source.n_outputs != suspect.n_outputs,
     }
 
@@ -560,6 +580,9 @@ def verify_pair(
         return failed(_reason(exc))
     if not np.isfinite(score):
         return failed(f"{method} score is not finite ({score})")
+    if thresholds is None and evidence.get("label_spaces_differ"):
+        cut = THRESHOLDS["ddv-heads"]
+        cut_dict = cut.as_dict()
     return Verdict(method, round(score, 6), cut.verdict(score), cut_dict, evidence, source=source_name,
                    suspect=suspect_name, seconds=time.perf_counter() - start)
 
