@@ -22,6 +22,7 @@ from pipeline.verify.behavior import (
     CORE_POINTS,
     CORE_STEPS,
     METHODS,
+    THRESHOLDS,
     TOKEN_POINTS,
     TOKEN_STEPS,
     Probe,
@@ -190,9 +191,11 @@ def run(args: argparse.Namespace) -> VerifyReport:
     )
 
 
-def _threshold_text(t: dict[str, Any]) -> str:
+def _threshold_text(method: str, t: dict[str, Any]) -> str:
     if not t:
         return ""
+    if method == "cluster":
+        return f"pirated >= {t['pirated']}, unrelated: divergence from the source > {THRESHOLDS['distance'].unrelated}"
     if t["higher_is_closer"]:
         return f"pirated >= {t['pirated']}, unrelated < {t['unrelated']}"
     return f"pirated <= {t['pirated']}, unrelated > {t['unrelated']}"
@@ -226,7 +229,7 @@ def format_report(report: VerifyReport) -> str:
             lines.append(f"  {v.method:<10} {'error':<9}  {v.reason}")
             continue
         lines.append(
-            f"  {v.method:<10} {v.verdict:<9}  score {v.score:.4f}  ({_threshold_text(v.thresholds)})  "
+            f"  {v.method:<10} {v.verdict:<9}  score {v.score:.4f}  ({_threshold_text(v.method, v.thresholds)})  "
             f"{v.seconds:.2f} s"
         )
         lines.append(f"  {'':<10} {'':<9}  {_evidence_text(v.evidence)}")

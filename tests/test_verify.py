@@ -13,6 +13,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (truncated / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     paths["truncated"] = str(truncated)
     paths["unknown-arch"] = str(save_model(root / "unknown", base, arch="nonesuch"))
+    np.save(root / "seeds.npy", data.x_test.numpy())
+    paths["seeds"] = str(root / "seeds.npy")
     paths["root"] = str(root)
     return paths
 
@@ -309,7 +312,8 @@ def test_cli_prints_the_evidence(zoo, capsys):
 
 
 def test_cli_json_and_a_source_that_cannot_run(zoo, capsys):
-    assert cli_main(["verify", zoo["source"], zoo["finetuned"], "--json", "--points", "30"]) == 0
+    assert cli_main(["verify", zoo["source"], zoo["finetuned"], "--json", "--points", "30",
+                     "--seeds", zoo["seeds"]]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["source"]["core_points"] == 30
     assert [v["verdict"] for v in report["verdicts"]] == ["pirated"]
