@@ -93,7 +93,8 @@ class Thresholds:
 # 0.951-0.975; a model trained on permuted labels: agreement 0.02, distance 0.82-0.87. `pirated` sits just
 # past the homologs (no false identification there); `unrelated` past the cross-architecture homologs
 # (an MLP against a CNN source: agreement 0.30-0.74, distance 0.21-0.51). On bench/verify_zoo.py's zoo
-# (no false identification of its 135 homolog pairs at these values) the scales differ by architecture:
+# (no false identification of its 63 homolog pairs, by any method, at these values; ddv calls a third of
+# them, the ResNets, unrelated) the scales differ by architecture:
 # ResNet homologs agree on 0.21-0.36 of a ResNet's core points, MLP and CNN homologs on 0.67-0.89, so one
 # pooled threshold ranks poorly across architectures (ROC AUC 0.66 pooled; per architecture fine-tunes,
 # 50% prunes and distillations of MLPs and CNNs separate fully). `cluster` with a homolog reference
