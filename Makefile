@@ -36,6 +36,7 @@ bench: setup
 	$(PY) -m bench.hamming
 	$(PY) -m bench.crawl
 	$(PY) -m bench.quality
+	$(PY) -m bench.verify
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -83,3 +83,28 @@ def test_students_learn_the_task_and_share_no_weights(tiny):
     keep = a["fc1.weight" if pruned["arch"] == "mlp" else "conv1.weight"] != 0
     key = "fc1.weight" if pruned["arch"] == "mlp" else "conv1.weight"
     assert torch.equal(a[key][keep], b[key][keep])
+
+
+def test_bench_verify_end_to_end(tiny):
+    from bench.verify import METHODS, calibrate, evaluate, render, run
+    from bench.zoo import _one_thread
+
+    root, manifest = tiny
+    with _one_thread():  # as the bench runs: two threads on a busy 2-core box run many times slower
+        pairs, times = run(root, manifest, probes=("core-real",), log=lambda _: None)
+    assert {p.method for p in pairs} == set(METHODS)
+    assert all(p.verdict in ("pirated", "homolog", "unrelated") and p.score is not None for p in pairs), [
+        p for p in pairs if p.verdict == "error"]
+    assert len(times["load"]) == len(manifest["models"]) and len(times["probe:core-real"]) == 3
+    reports = {("core-real", m): evaluate(pairs, "core-real", m) for m in METHODS}
+    for r in reports.values():
+        assert r.auc["all"] is not None and 0 <= r.auc["all"] <= 1
+        assert r.missed["all"][2] > 0 and r.false_homolog["all"][2] > 0 and r.false_unrelated["all"][2] > 0
+    # The calibrated cut lets at most 1% of the calibration negatives through.
+    r = reports["core-real", "agreement"]
+    cal_neg = [p for p in pairs if p.method == "agreement" and p.calibration and p.relation != "pirated"]
+    cut = calibrate([p for p in pairs if p.method == "agreement" and p.calibration and p.relation == "pirated"],
+                    cal_neg)
+    assert cut == r.calibrated and sum(p.score >= cut for p in cal_neg) <= 0.01 * len(cal_neg)
+    table = render(reports, pairs, times, manifest)
+    assert "| ft-short (" in table and "`cluster-all`" in table and "a pair from scratch" in table
