@@ -13,7 +13,11 @@ too: a backbone reused under a new head is found only through its block, and `dd
 all`) compares models whose label spaces differ. The pairs are grouped by protected model; each group is
 one unit of work that loads the protected model and builds its probe once, then loads and judges each
 candidate. A model that cannot load or run gives an `error` verdict with the reason; its pairs keep their
-stage-1 verdict, and the sweep goes on.
+stage-1 verdict, and the sweep goes on. `--references FILE` (JSON: a protected model's URI or model_id ->
+a list of reference URIs) names homolog references, models the owner trained apart from a protected model
+on its data: they are loaded and scored once per protected model, beside its probe, and judge its
+candidates by per-source thresholds (`pipeline.verify.behavior.Calibration`); the summary lists them, and
+any that could not load or run.
 
 Without `--ray-address` (or RAY_ADDRESS) the protected models are hashed, the index scanned and the
 candidates verified in this process, on all its cores. With it, all three run on the Ray cluster: each
@@ -30,7 +34,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +94,7 @@ def sweep(
     verify_max_pairs: int = VERIFY_MAX_PAIRS,
     verify_max_distance: int | None = None,
     verify_timeout: float | None = None,
+    verify_references: Mapping[str, Sequence[str]] | None = None,
 ) -> SweepSummary:
     """Search every protected code against `index`, verify the candidates by behaviour; write the pairs
     to `out` (Parquet) and a summary.
@@ -111,6 +116,8 @@ def sweep(
         verify_max_distance: candidates are model pairs with a pair within this many bits (default: the
             spec's `related` threshold).
         verify_timeout: on Ray, seconds per protected model's task; its unfinished pairs become errors.
+        verify_references: homolog references per protected model (its URI or model_id -> reference URIs):
+            per-source thresholds for its candidates (`load_references` reads them from a JSON file).
 
     Raises:
         ModelIndexError: the index is missing, corrupt, or holds no code of the spec.
@@ -162,11 +169,14 @@ def sweep(
         summary.seconds["scan"] = time.perf_counter() - tick
     if verify:
         tick = time.perf_counter()
+        calibrations: list[dict[str, Any]] = []
         stage2 = verify_pairs(
             candidates, queries, searched, methods, max_pairs=verify_max_pairs, use_ray=ray_address is not None,
-            device=device, timeout_s=verify_timeout, progress=progress,
+            device=device, timeout_s=verify_timeout, progress=progress, references=verify_references,
+            calibrations=calibrations,
         )
         apply_stage2(out, stage2, summary)
+        summary.stage2_references = calibrations
         summary.seconds["verify"] = time.perf_counter() - tick
     summary.seconds["total"] = time.perf_counter() - started
     summary.seconds = {key: round(v, 3) for key, v in summary.seconds.items()}
@@ -222,6 +232,26 @@ def verify_methods(method: str) -> tuple[str, ...]:
     return (method,)
 
 
+def load_references(path: str) -> dict[str, list[str]]:
+    """Homolog references per protected model from a JSON file: `{"URI or model_id": ["URI", ...]}`.
+
+    A relative local path is made absolute (as in a list of protected models), so workers load it from
+    anywhere.
+
+    Raises:
+        SourceError: the file cannot be read, or is not such a mapping.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}: cannot read references (a JSON object of lists of URIs): {exc}") from exc
+    if not isinstance(doc, dict) or not all(
+        isinstance(v, list) and all(isinstance(u, str) for u in v) for v in doc.values()
+    ):
+        raise SourceError(f"{path}: references must be a JSON object mapping a model to a list of URIs")
+    return {key: [u if "://" in u else os.path.abspath(u) for u in uris] for key, uris in doc.items()}
+
+
 def verify_pairs(
     candidates: list[Candidate],
     queries: Protected,
@@ -233,12 +263,16 @@ def verify_pairs(
     device: str | None = None,
     timeout_s: float | None = None,
     progress: bool = True,
+    references: Mapping[str, Sequence[str]] | None = None,
+    calibrations: list[dict[str, Any]] | None = None,
 ) -> list[tuple[Candidate, Stage2]]:
     """Stage 2: the nearest `max_pairs` candidates verified by behaviour, one group per protected model.
 
     Never raises for a model: one that has no URI, cannot load or cannot run, and a task that fails or
     times out, give an `error` answer with the reason. Candidates beyond `max_pairs` get an answer with
-    no verdict and the reason.
+    no verdict and the reason. `references`: homolog references per protected model, by its URI or
+    model_id (per-source thresholds); `calibrations`, when given, gets one entry per protected model that
+    has references: the references scored and those skipped, with the reason.
 
     Returns:
         (candidate, answer) for every candidate, in the order given.
@@ -257,6 +291,12 @@ def verify_pairs(
     for c in chosen:
         groups.setdefault(c.owner, []).append(c)
     work: list[tuple[str, list[Candidate]]] = []  # (protected URI, its candidates that have a URI)
+    refs_of: dict[str, tuple[str, ...]] = {}  # protected URI -> its references' URIs
+    lookup: dict[str, Sequence[str]] = {}  # references by key as given, and by a local key's absolute path
+    for key, uris in (references or {}).items():
+        lookup.setdefault(key, uris)
+        if "://" not in key:
+            lookup.setdefault(os.path.abspath(key), uris)
     for owner, group in groups.items():
         source = queries.uri[owner]
         if source is None:
@@ -273,12 +313,16 @@ def verify_pairs(
                 located.append(c)
         if located:
             work.append((source, located))
+            refs_of[source] = tuple(lookup.get(source, lookup.get(queries.model_id[owner], ())))
     total = sum(len(g) for _, g in work)
     with tqdm(total=total, desc="verifying", unit="pair", disable=not progress, file=sys.stderr) as bar:
         run = _verify_on_ray if use_ray else _verify_locally
-        for (_, group), verdicts in zip(work, run(work, uri_of, methods, device, timeout_s, bar), strict=True):
-            for c, got in zip(group, verdicts, strict=True):
+        results = run(work, uri_of, methods, device, timeout_s, bar, refs_of)
+        for (source, group), (got_all, calibration) in zip(work, results, strict=True):
+            for c, got in zip(group, got_all, strict=True):
                 answers[(c.owner, c.row)] = got
+            if refs_of[source] and calibrations is not None:
+                calibrations.append({"protected": source, "given": len(refs_of[source]), **calibration})
     return [(c, answers[(c.owner, c.row)]) for c in candidates]
 
 
@@ -396,6 +440,24 @@ def _answer(verdicts: list[Verdict]) -> Stage2:
     return Stage2(lead.verdict, lead.method, lead.score, lead.reason, every)
 
 
+Calibrated = dict[str, Any]  # a group's references as its verdicts' evidence shows them: scored, skipped
+
+
+def _answers(verdicts: list[list[Verdict]]) -> tuple[list[Stage2], Calibrated]:
+    """A group's answers, and its references: scored ({name: {method: score}}) and skipped ({name: why})."""
+    scored: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    thresholds = "global"
+    for v in (v for per_suspect in verdicts for v in per_suspect):
+        cal = v.evidence.get("calibration")
+        if isinstance(cal, dict):
+            for name, score in cal.get("references", {}).items():
+                scored.setdefault(name, {})[v.method] = score
+            skipped.update(cal.get("failed", {}))
+            thresholds = "per source" if cal["thresholds"] == "per source" else thresholds
+    return [_answer(v) for v in verdicts], {"references": scored, "skipped": skipped, "thresholds": thresholds}
+
+
 def _verify_locally(
     work: list[tuple[str, list[Candidate]]],
     uri_of: dict[int, str | None],
@@ -403,7 +465,8 @@ def _verify_locally(
     device: str | None,
     timeout_s: float | None,
     bar: tqdm,
-) -> Iterator[list[Stage2]]:
+    refs_of: dict[str, tuple[str, ...]],
+) -> Iterator[tuple[list[Stage2], Calibrated]]:
     """Each group in this process, in order (no timeout: nothing to cancel a group with here)."""
     from pipeline.verify.candidates import verify_candidates
 
@@ -412,9 +475,10 @@ def _verify_locally(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     for source, group in work:
-        verdicts = verify_candidates(source, [str(uri_of[c.row]) for c in group], methods, device=device)
+        verdicts = verify_candidates(source, [str(uri_of[c.row]) for c in group], methods, device=device,
+                                     references=refs_of.get(source, ()))
         bar.update(len(group))
-        yield [_answer(v) for v in verdicts]
+        yield _answers(verdicts)
 
 
 def _verify_on_ray(
@@ -424,7 +488,8 @@ def _verify_on_ray(
     device: str | None,
     timeout_s: float | None,
     bar: tqdm,
-) -> list[list[Stage2]]:
+    refs_of: dict[str, tuple[str, ...]],
+) -> list[tuple[list[Stage2], Calibrated]]:
     """One Ray task per group, bounded in flight; on a GPU each when the cluster has GPUs.
 
     `device` is this process's: the tasks run on "cuda" when they get a GPU, else on "cpu".
@@ -442,18 +507,20 @@ def _verify_on_ray(
     slots = max(1, int(ray.cluster_resources().get("GPU", 0)) if gpus else cluster_cpus())
     # A timeout counts from submission: then submit no more than can start at once, so none waits its time out.
     limit = slots if timeout_s else 2 * slots
-    results: dict[int, list[Stage2]] = {}
+    results: dict[int, tuple[list[Stage2], Calibrated]] = {}
     in_flight: dict[Any, tuple[int, float]] = {}
     queue = iter(enumerate(work))
 
     def failed(i: int, reason: str) -> None:
-        results[i] = [Stage2("error", reason=reason)] * len(work[i][1])
+        results[i] = [Stage2("error", reason=reason)] * len(work[i][1]), {"references": {}, "skipped": {},
+                                                                          "thresholds": "none: " + reason}
         bar.update(len(work[i][1]))
 
     while True:
         while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
             i, (source, group) = nxt
-            obj = task.remote(source, [uri_of[c.row] for c in group], methods, device="cuda" if gpus else "cpu")
+            obj = task.remote(source, [uri_of[c.row] for c in group], methods, device="cuda" if gpus else "cpu",
+                              references=refs_of.get(source, ()))
             in_flight[obj] = (i, time.monotonic())
         if not in_flight:
             break
@@ -461,7 +528,7 @@ def _verify_on_ray(
         for obj in ready:
             i, _started = in_flight.pop(obj)
             try:
-                results[i] = [_answer(v) for v in ray.get(obj)]
+                results[i] = _answers(ray.get(obj))
                 bar.update(len(work[i][1]))
             except ray.exceptions.RayError as exc:  # the worker died (VERIFY_RETRIES times), or a bug
                 failed(i, f"verify task failed: {' '.join(str(exc).split())[:300]}")
@@ -595,6 +662,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify-timeout", type=float, default=None, help="on Ray: seconds per protected model's verify task"
     )
+    parser.add_argument(
+        "--references", default=None, metavar="FILE",
+        help="stage 2: homolog references per protected model, a JSON object {URI or model_id: [reference URI, "
+        "...]}: per-source thresholds",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -617,6 +689,7 @@ def run(args: argparse.Namespace) -> SweepSummary:
         verify_max_pairs=args.verify_max_pairs,
         verify_max_distance=args.verify_max_distance,
         verify_timeout=args.verify_timeout,
+        verify_references=load_references(args.references) if args.references else None,
     )
 
 

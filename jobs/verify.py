@@ -4,6 +4,11 @@ Run as `modelhash verify SOURCE SUSPECT [SUSPECT ...]` or `python -m jobs.verify
 models run here (CPU by default, `--device cuda`): core points are built on the source once, then every
 suspect is judged by each method, with the evidence printed. A suspect that cannot load or run gets an
 `error` verdict with the reason; a source that cannot run is an error of the command (exit code 2).
+
+`--reference PATH` (repeatable) names a homolog reference: a model the owner trained apart from the
+source (same architecture and data, another seed). The references are scored like suspects and set
+per-source thresholds (DeepCore's calibration, `pipeline.verify.behavior.Calibration`), printed with their
+scores; `cluster` takes them as homolog references too. One that cannot load or run is reported, skipped.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ def verify(
     seeds: np.ndarray | None = None,
     homologs: tuple[str, ...] = (),
     pirated: tuple[str, ...] = (),
+    references: tuple[str, ...] = (),
     arch: str | None = None,
     suspect_arch: str | None = None,
     n: int | None = None,
@@ -82,21 +88,27 @@ def verify(
 ) -> VerifyReport:
     """Build the source's probe once and judge every suspect by every method.
 
+    `references`: homolog references' URIs (loaded with the source's `arch`): per-source thresholds.
+
     Raises:
-        ModelhashError: the source cannot be loaded or run (the suspects' failures are verdicts).
+        ModelhashError: the source cannot be loaded or run (the suspects' and references' failures are
+            verdicts and reported calibration failures).
     """
     model = load_runnable(source, arch=arch, device=device)
-    probe = make_probe(model, seeds=seeds, n=n, steps=steps, seed=seed, contrast=contrast)
+    refs = {uri: _load(uri, arch, device) for uri in references}
+    probe = make_probe(model, seeds=seeds, n=n, steps=steps, seed=seed, contrast=contrast,
+                       references=refs or None)
     loaded = [_load(uri, suspect_arch, device) for uri in suspects]
     verdicts: list[Verdict] = []
     by_suspect: dict[int, list[Verdict]] = {i: [] for i in range(len(suspects))}
     for method in methods:
         if method == "cluster":
-            refs = {
-                "homolog": [_reference(u, suspect_arch, device) for u in homologs],
+            anchors = {
+                "homolog": [_reference(u, suspect_arch, device) for u in homologs]
+                + [m for m in refs.values() if isinstance(m, RunnableModel)],
                 "pirated": [_reference(u, suspect_arch, device) for u in pirated],
             }
-            for i, v in enumerate(verify_group(probe, loaded, refs)):
+            for i, v in enumerate(verify_group(probe, loaded, anchors)):
                 by_suspect[i].append(_named(v, suspects[i]))
             continue
         for i, suspect in enumerate(loaded):
@@ -122,6 +134,21 @@ def _named(verdict: Verdict, uri: str) -> Verdict:
     return Verdict(**{**fields, "suspect": uri})
 
 
+def _calibration(probe: Probe) -> dict[str, Any] | None:
+    """The references' scores by reference, the per-source thresholds by method, the failures."""
+    cal = probe.calibration
+    if cal is None:
+        return None
+    names = list(dict.fromkeys(n for by in cal.scores.values() for n in by))
+    return {
+        "references": {n: {m: by[n] for m, by in cal.scores.items() if n in by} for n in names},
+        "failed": dict(cal.failed),
+        "thresholds": {m: t.as_dict() for m in cal.scores if (t := cal.thresholds(m)) is not None},
+        "margins": dict(cal.margins),
+        "seconds": round(cal.seconds, 3),
+    }
+
+
 def _describe(probe: Probe, uri: str) -> dict[str, Any]:
     model = probe.source
     domain = model.domain
@@ -140,6 +167,7 @@ def _describe(probe: Probe, uri: str) -> dict[str, Any]:
         "ddv_pairs": len(probe.source_ddv),
         "probe_seconds": round(probe.seconds, 3),
         "notes": list(model.notes),
+        "calibration": _calibration(probe),
     }
 
 
@@ -152,6 +180,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="agreement (default), distance, ddv, cluster (needs 2+ suspects or --homolog), or all",
     )
     parser.add_argument("--seeds", default=None, help="seed inputs, a .npy array (e.g. test images or token ids)")
+    parser.add_argument(
+        "--reference", action="append", default=[], metavar="PATH",
+        help="a homolog reference, trained apart from the source on its data (repeatable): per-source thresholds",
+    )
     parser.add_argument("--homolog", action="append", default=[], help="cluster: a known homolog (repeatable)")
     parser.add_argument("--pirated", action="append", default=[], help="cluster: a known copy (repeatable)")
     parser.add_argument("--arch", default=None, help="the source's architecture (mlp, cnn, resnet, gpt, "
@@ -170,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> VerifyReport:
     if args.method == "all":
         methods: tuple[str, ...] = PAIR_METHODS
-        if len(args.suspects) > 1 or args.homolog:
+        if len(args.suspects) > 1 or args.homolog or args.reference:
             methods = (*methods, "cluster")
     else:
         methods = (args.method,)
@@ -181,6 +213,7 @@ def run(args: argparse.Namespace) -> VerifyReport:
         seeds=load_seeds(args.seeds),
         homologs=tuple(args.homolog),
         pirated=tuple(args.pirated),
+        references=tuple(args.reference),
         arch=args.arch,
         suspect_arch=args.suspect_arch,
         n=args.points,
@@ -197,14 +230,18 @@ def _threshold_text(method: str, t: dict[str, Any]) -> str:
     if method == "cluster":
         return f"pirated >= {t['pirated']}, unrelated: divergence from the source > {THRESHOLDS['distance'].unrelated}"
     if t["higher_is_closer"]:
-        return f"pirated >= {t['pirated']}, unrelated < {t['unrelated']}"
-    return f"pirated <= {t['pirated']}, unrelated > {t['unrelated']}"
+        return f"pirated >= {t['pirated']:.4g}, unrelated < {t['unrelated']:.4g}"
+    return f"pirated <= {t['pirated']:.4g}, unrelated > {t['unrelated']:.4g}"
 
 
 def _evidence_text(evidence: dict[str, Any]) -> str:
     parts = []
     for key, value in evidence.items():
-        if isinstance(value, dict):
+        if key == "calibration" and isinstance(value, dict):
+            value = value["thresholds"] + (
+                f" (margin {value['margin']} past the closest of {len(value['references'])} references)"
+                if value["thresholds"] == "per source" else "")
+        elif isinstance(value, dict):
             value = "; ".join(f"{k}: {', '.join(map(str, v)) or '-'}" for k, v in value.items())
         elif isinstance(value, list):
             value = " | ".join(", ".join(map(str, g)) if isinstance(g, list) else str(g) for g in value)
@@ -220,6 +257,16 @@ def format_report(report: VerifyReport) -> str:
         f"mean confidence {s['source_confidence']:.3f}, {s['ddv_pairs']} ddv pairs, {s['probe_seconds']:.2f} s"
     ]
     lines += [f"  note: {note}" for note in s["notes"]]
+    cal = s.get("calibration")
+    if cal:
+        for name, scores in cal["references"].items():
+            lines.append(f"  reference {name}: " + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()))
+        lines += [f"  reference {name}: skipped: {why}" for name, why in cal["failed"].items()]
+        for method, t in cal["thresholds"].items():
+            lines.append(f"  per-source thresholds, {method} (margin {cal['margins'][method]}): "
+                         f"{_threshold_text(method, t)}")
+        if not cal["thresholds"]:
+            lines.append("  no usable reference: the global thresholds judge")
     current = None
     for v in report.verdicts:
         if v.suspect != current:
@@ -228,9 +275,10 @@ def format_report(report: VerifyReport) -> str:
         if v.verdict == "error":
             lines.append(f"  {v.method:<10} {'error':<9}  {v.reason}")
             continue
+        calibrated = "" if v.calibrated_score is None else f"  calibrated {v.calibrated_score:.3f}"
         lines.append(
-            f"  {v.method:<10} {v.verdict:<9}  score {v.score:.4f}  ({_threshold_text(v.method, v.thresholds)})  "
-            f"{v.seconds:.2f} s"
+            f"  {v.method:<10} {v.verdict:<9}  score {v.score:.4f}{calibrated}  "
+            f"({_threshold_text(v.method, v.thresholds)})  {v.seconds:.2f} s"
         )
         lines.append(f"  {'':<10} {'':<9}  {_evidence_text(v.evidence)}")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ import torch
 
 from bench.zoo import fine_tune, load_digits_split, save_checkpoint, state_dict_of, train_mlp
 from jobs.crawl import crawl
-from jobs.sweep import sweep
+from jobs.sweep import load_references, sweep
+from pipeline.errors import SourceError
 from pipeline.hashing import get_spec
 from pipeline.index.reader import IndexReader
 from pipeline.index.uris import crawled_root, model_uri
@@ -35,10 +36,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
         original = train_mlp(data, seed=0)
         tuned = fine_tune(original, data, seed=1000)
         homolog = train_mlp(data, seed=5)
+        reference = train_mlp(data, seed=6)  # the owner's own homolog: a reference, not in the index
     finally:
         torch.set_num_threads(threads)
     weights = state_dict_of(original)
     save_checkpoint(root / "protected" / "orig", weights, "mlp")
+    save_checkpoint(root / "refs" / "h6", state_dict_of(reference), "mlp")
     src = root / "src"
     save_checkpoint(src / "orig", weights, "mlp")  # the protected model itself: never verified against itself
     save_checkpoint(src / "finetuned", state_dict_of(tuned), "mlp")
@@ -53,7 +56,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
         crawl("src", "index", progress=False)
     finally:
         os.chdir(cwd)
-    return {"root": root, "protected": root / "protected", "src": src, "index": root / "index"}
+    return {"root": root, "protected": root / "protected", "src": src, "index": root / "index",
+            "reference": root / "refs" / "h6"}
 
 
 def _by_match(report: Path) -> dict[str, list[dict]]:
@@ -165,3 +169,34 @@ def test_protected_as_index_and_as_list_file(zoo, tmp_path) -> None:
     finally:
         os.chdir(cwd)
     assert [p["match_model_id"] for p in listed.stage2_pirated] == ["finetuned"]
+
+
+def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
+    listing = tmp_path / "references.json"
+    listing.write_text(json.dumps({"orig": [str(zoo["reference"]), "refs/missing"]}))
+    cwd = os.getcwd()
+    os.chdir(zoo["root"])
+    try:  # relative reference paths are made absolute where the file is read
+        references = load_references(str(listing))
+    finally:
+        os.chdir(cwd)
+    missing = str(zoo["root"] / "refs" / "missing")
+    assert references == {"orig": [str(zoo["reference"]), missing]}
+    out = tmp_path / "refs.parquet"
+    summary = sweep(str(zoo["protected"]), str(zoo["index"]), str(out), progress=False, verify_method="all",
+                    verify_references=references, **WIDE)
+    pairs = _by_match(out)
+    assert _one(pairs["finetuned"], "stage2_verdict") == "pirated"
+    assert _one(pairs["homolog"], "stage2_verdict") != "pirated"
+    (calibrated,) = summary.stage2_references
+    assert calibrated["protected"] == str(zoo["protected"].resolve() / "orig") and calibrated["given"] == 2
+    assert calibrated["thresholds"] == "per source"
+    assert set(calibrated["references"]) == {str(zoo["reference"])}
+    assert set(calibrated["references"][str(zoo["reference"])]) == {"agreement", "distance", "ddv"}
+    assert "no such file" in calibrated["skipped"][missing]
+    md = (tmp_path / "refs.summary.md").read_text()
+    assert "stage 2 references of" in md and "1 of 2 scored, per source thresholds; skipped" in md
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"orig": "not a list"}))
+    with pytest.raises(SourceError, match="list of URIs"):
+        load_references(str(bad))

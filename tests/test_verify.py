@@ -27,7 +27,10 @@ from pipeline.cli import main as cli_main
 from pipeline.errors import VerifyError
 from pipeline.verify.archs import TinyGPT
 from pipeline.verify.behavior import (
+    MARGINS,
     THRESHOLDS,
+    Calibration,
+    calibrate,
     core_points,
     make_probe,
     verify_group,
@@ -203,6 +206,69 @@ def test_probe_is_deterministic(zoo):
     assert float(boundary.confidence.mean()) < float(a.confidence.mean())
 
 
+# ------------------------------------------------------------------------------------ calibration
+
+
+def test_the_calibration_rule():
+    cal = Calibration("s", {"agreement": {"a": 0.8, "b": 0.6}, "distance": {"a": 0.2, "b": 0.3}})
+    agreement, distance = cal.thresholds("agreement"), cal.thresholds("distance")
+    # Pirated: half the gap from the closest reference (0.8) to the source (1.0); unrelated: the global cut,
+    # lower than 3/4 of the farthest reference's 0.6.
+    assert (agreement.pirated, agreement.unrelated) == pytest.approx((0.9, 0.2))
+    assert cal.calibrated_score("agreement", 0.9) == pytest.approx(MARGINS["agreement"])
+    assert cal.calibrated_score("agreement", 0.7) < 0 < cal.calibrated_score("agreement", 0.85)
+    # Distance in closeness units (1 - distance): pirated within (1 - margin) x the closest reference's.
+    assert not distance.higher_is_closer and distance.pirated == pytest.approx((1 - MARGINS["distance"]) * 0.2)
+    assert distance.unrelated == pytest.approx(THRESHOLDS["distance"].unrelated)
+    assert cal.calibrated_score("distance", 0.1) == pytest.approx(0.5)
+    # Without the closest reference the cut follows the next; a source far from its homologs gets a wide gap.
+    assert cal.excluding("a").thresholds("agreement").pirated == pytest.approx(0.8)
+    far = Calibration("s", {"agreement": {"a": 0.25, "b": 0.2}}).thresholds("agreement")
+    assert far.pirated == pytest.approx(0.625) and far.unrelated == pytest.approx(0.15)
+    # No references, or one that matches the source exactly: no per-source cut (the global ones judge).
+    assert cal.thresholds("ddv") is None and cal.calibrated_score("ddv", 0.9) is None
+    assert Calibration("s", {"agreement": {"twin": 1.0}}).thresholds("agreement") is None
+
+
+def test_references_put_a_held_out_homolog_below_the_cut_and_copies_above(zoo, probe):
+    cal = calibrate(probe, [_suspect(zoo, "homolog2")])
+    assert set(cal.references("agreement")) == {"homolog2"} and not cal.failed
+    for method in ("agreement", "distance", "ddv"):
+        homolog = verify_pair(probe, _suspect(zoo, "homolog"), method, calibration=cal)
+        tuned = verify_pair(probe, _suspect(zoo, "finetuned"), method, calibration=cal)
+        assert homolog.verdict == "homolog" and tuned.verdict == "pirated", (homolog, tuned)
+        assert homolog.calibrated_score < MARGINS[method] <= tuned.calibrated_score, (homolog, tuned)
+        assert tuned.thresholds == cal.thresholds(method).as_dict() != THRESHOLDS[method].as_dict()
+        assert tuned.evidence["calibration"]["thresholds"] == "per source"
+        assert tuned.evidence["calibration"]["references"] == {"homolog2": cal.references(method)["homolog2"]}
+    # A probe made with references carries them; without, the global thresholds judge and say so.
+    own = make_probe(load_runnable(zoo["source"]), n=POINTS, references=[_suspect(zoo, "homolog2")])
+    assert own.calibration.references("agreement") == cal.references("agreement")
+    plain = verify_pair(probe, _suspect(zoo, "finetuned"), "agreement")
+    assert plain.calibrated_score is None and plain.evidence["calibration"] == "global"
+
+
+def test_a_reference_that_cannot_load_or_compare_is_reported_and_skipped(zoo, probe):
+    missing = os.path.join(zoo["root"], "missing")
+    refs = {"homolog2": _suspect(zoo, "homolog2"), missing: VerifyError(f"{missing}: no such file or folder"),
+            "gpt": _suspect(zoo, "gpt"), "newhead": _suspect(zoo, "newhead")}
+    cal = calibrate(probe, refs)
+    assert set(cal.references("agreement")) == set(cal.references("ddv")) == {"homolog2"}
+    assert "no such file" in cal.failed[missing] and "input kinds differ" in cal.failed["gpt"]
+    assert "2 outputs" in cal.failed["newhead"]  # another head: not a reference for ddv either
+    v = verify_pair(probe, _suspect(zoo, "homolog"), "agreement", calibration=cal)
+    assert v.evidence["calibration"]["failed"] == cal.failed and v.calibrated_score is not None
+    # Nothing usable: the global thresholds judge, and the verdict says why.
+    none = calibrate(probe, {missing: "cannot load"})
+    v = verify_pair(probe, _suspect(zoo, "finetuned"), "agreement", calibration=none)
+    assert v.verdict == "pirated" and v.thresholds == THRESHOLDS["agreement"].as_dict()
+    assert v.evidence["calibration"]["thresholds"].startswith("global (no usable reference")
+    # verify_uris loads references by URI; a broken one never stops the pair.
+    v = verify_uris(zoo["source"], zoo["finetuned"], "distance", n=40, references=[zoo["homolog2"], missing])
+    assert v.verdict == "pirated" and v.evidence["calibration"]["thresholds"] == "per source"
+    assert list(v.evidence["calibration"]["failed"]) == [missing]
+
+
 # ---------------------------------------------------------------------------------------- loading
 
 
@@ -309,6 +375,26 @@ def test_cli_prints_the_evidence(zoo, capsys):
         assert method in out
     assert f"pirated >= {THRESHOLDS['agreement'].pirated}" in out and "score" in out
     assert "error" in out and "truncated" in out  # the broken suspect is reported, not fatal
+
+
+def test_cli_prints_the_references_and_the_per_source_thresholds(zoo, capsys):
+    missing = os.path.join(zoo["root"], "missing")
+    rc = cli_main(["verify", zoo["source"], zoo["finetuned"], zoo["homolog"], "--reference", zoo["homolog2"],
+                   "--reference", missing, "--points", "40", "--method", "all"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"reference {zoo['homolog2']}: agreement 0." in out and "distance 0." in out
+    assert f"reference {missing}: skipped:" in out and "no such file" in out
+    assert "per-source thresholds, agreement (margin 0.5): pirated >= " in out
+    assert "calibrated" in out and "per source (margin" in out
+    assert cli_main(["verify", zoo["source"], zoo["finetuned"], "--reference", zoo["homolog2"], "--json",
+                     "--points", "30"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    cal = report["source"]["calibration"]
+    assert list(cal["references"]) == [zoo["homolog2"]] and set(cal["thresholds"]) == {"agreement", "distance", "ddv"}
+    (verdict,) = report["verdicts"]
+    assert verdict["verdict"] == "pirated" and verdict["calibrated_score"] >= MARGINS["agreement"]
+    assert verdict["thresholds"] == cal["thresholds"]["agreement"]
 
 
 def test_cli_json_and_a_source_that_cannot_run(zoo, capsys):

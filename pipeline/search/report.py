@@ -186,6 +186,9 @@ class SweepSummary:
     stage2_by_verdict: dict[str, int] = field(default_factory=dict)  # per verified model pair
     stage2_pirated: list[dict[str, Any]] = field(default_factory=list)  # the pairs called pirated, nearest first
     stage2_errors: list[dict[str, Any]] = field(default_factory=list)  # the first TOP pairs that could not be run
+    # Per protected model given homolog references: {"protected", "given", "references": {name: {method:
+    # score}}, "skipped": {name: why}, "thresholds": "per source" or "global"}.
+    stage2_references: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -243,6 +246,10 @@ class SweepSummary:
             lines.append("")  # a list after a table must not read as its last row
         for e in self.stage2_errors:
             lines.append(f"- stage 2 error: {e['query_model_id']} ~ {e['match_model_id']}: {e['reason']}")
+        for r in self.stage2_references:
+            lines.append(f"- stage 2 references of {r['protected']}: {len(r['references'])} of {r['given']} scored, "
+                         f"{r['thresholds']} thresholds"
+                         + "".join(f"; skipped {name}: {why}" for name, why in r["skipped"].items()))
         for f in self.failed:
             lines.append(f"- failed: {f['model']}: {f['error']}")
         return "\n".join(lines) + "\n"

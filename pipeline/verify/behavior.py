@@ -22,6 +22,12 @@ does not load or run, NaN outputs, a source with no confident outputs). `verify_
 The source's side (core points, its outputs, its decision distances) is computed once, in a `Probe`
 (`make_probe`), and reused for every suspect. All tensors live on the source's device (`device="cuda"`).
 
+Score levels differ by source (a ResNet's homologs agree with it on a quarter of its core points, an MLP's
+on four fifths), so one absolute threshold per method ranks poorly across sources. DeepCore calibrates on
+references instead: homologs the owner trains itself (same architecture and data, another seed), scored
+against the source like any suspect. `calibrate` (or `make_probe(..., references=...)`) turns their scores
+into per-source thresholds and a `calibrated_score` comparable across sources (`Calibration`).
+
 What the zoo showed (see THRESHOLDS): fine-tuned and lightly pruned copies stand well apart from homologs;
 copies distilled on soft labels sit just past them; label-only extractions on the source's own data and
 heavily pruned (80%) copies fall among the homologs, by every method here.
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,13 +48,16 @@ from pipeline.errors import VerifyError
 from pipeline.verify.runnable import InputDomain, RunnableModel, load_runnable
 
 __all__ = [
+    "MARGINS",
     "METHODS",
     "THRESHOLDS",
     "VERDICTS",
+    "Calibration",
     "CorePoints",
     "Probe",
     "Thresholds",
     "Verdict",
+    "calibrate",
     "core_points",
     "make_probe",
     "verify_group",
@@ -98,8 +107,8 @@ class Thresholds:
 # ResNet homologs agree on 0.21-0.36 of a ResNet's core points, MLP and CNN homologs on 0.67-0.89, so one
 # pooled threshold ranks poorly across architectures (ROC AUC 0.66 pooled; per architecture fine-tunes,
 # 50% prunes and distillations of MLPs and CNNs separate fully). `cluster` with a homolog reference
-# calibrates per source. bench/verify.py measures them; change them here, where the sweep, the CLI and the
-# benchmark read them.
+# calibrates per source, and so do homolog references given to `calibrate` (MARGINS below).
+# bench/verify.py measures them; change them here, where the sweep, the CLI and the benchmark read them.
 THRESHOLDS: dict[str, Thresholds] = {
     "agreement": Thresholds(pirated=0.9, unrelated=0.2),
     "distance": Thresholds(pirated=0.11, unrelated=0.6, higher_is_closer=False),
@@ -126,6 +135,17 @@ MIN_SOURCE_CONFIDENCE = 0.5
 TOKEN_CANDIDATES = 8
 TOKEN_STEPS = 20
 TOKEN_POINTS = 100
+# Per-source calibration (`Calibration`): a suspect is pirated when it closes at least this share of the
+# gap between the closest homolog reference and the source itself. Chosen on bench/verify_zoo.py's zoo,
+# leave-one-out over each source's same-data homologs: the least margin that kept every held-out homolog
+# below the cut with two references (agreement: held-out homologs reached 0.48-0.53 of the gap, distance
+# 0.33-0.37, ddv 0.30-0.37); with one reference they reach 0.60, 0.40 and 0.45. bench/verify.py measures it.
+MARGINS: dict[str, float] = {"agreement": 0.5, "distance": 0.4, "ddv": 0.4}
+# ... and unrelated below this share of the farthest reference's closeness (or the global cut if lower).
+# On the zoo, leave-one-out: no same-data homolog below it; other-task models below it by agreement and
+# distance (78-100%), by ddv 21 of 27 `task-ge5` and none of the shuffled-label ones (the global ddv cut
+# called a third of the same-data homologs unrelated).
+UNRELATED_SHARE = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +153,10 @@ class Verdict:
     """One method's answer for one (source, suspect) pair.
 
     `score` is None when the pair could not be compared (`verdict == "error"`, `reason` says why).
-    `evidence` holds what the score came from (agreement, number of core points, confidences ...).
+    `evidence` holds what the score came from (agreement, number of core points, confidences ...) and,
+    under `calibration`, which thresholds judged it: "global" (THRESHOLDS) or the source's references
+    with their scores. `calibrated_score`: the score against the references (`Calibration`), comparable
+    across sources; None without references.
     """
 
     method: str
@@ -145,12 +168,13 @@ class Verdict:
     source: str = ""
     suspect: str = ""
     seconds: float = 0.0
+    calibrated_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source, "suspect": self.suspect, "method": self.method, "verdict": self.verdict,
-            "score": self.score, "thresholds": self.thresholds, "evidence": self.evidence, "reason": self.reason,
-            "seconds": round(self.seconds, 4),
+            "score": self.score, "calibrated_score": self.calibrated_score, "thresholds": self.thresholds,
+            "evidence": self.evidence, "reason": self.reason, "seconds": round(self.seconds, 4),
         }
 
 
@@ -177,6 +201,96 @@ class Probe:
     source_ddv: torch.Tensor  # (m,)
     boundary: CorePoints | None = None  # the contrast set, when asked for
     seconds: float = 0.0
+    calibration: Calibration | None = None  # per-source thresholds from references (`calibrate`)
+
+
+def _closeness(method: str, score: float) -> float:
+    """A score in units where larger is closer and 1 is the source itself (distance: 1 - distance)."""
+    return 1.0 - score if method == "distance" else score
+
+
+def _from_closeness(method: str, closeness: float) -> float:
+    return 1.0 - closeness if method == "distance" else closeness
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-source thresholds from homolog references, DeepCore's calibration.
+
+    References are models the owner trained apart from the source: the same architecture and data,
+    another seed. Each is scored against the source's probe like a suspect (`scores`). Per method, in
+    closeness units (agreement and ddv as they are, distance as 1 - distance; 1 is the source itself),
+    with c_max the closest reference and c_min the farthest:
+
+    - pirated: closeness >= c_max + margin * (1 - c_max), the suspect closes at least `margin` of the gap
+      between the closest reference and the source (distance: <= (1 - margin) x the closest reference's);
+    - unrelated: closeness < min(THRESHOLDS' unrelated, UNRELATED_SHARE x c_min), a quarter below the
+      farthest reference, so a homolog like the references is not called unrelated where a source's
+      homologs sit near the global cut (ResNet homologs agree on 0.2-0.3 of the core points);
+    - `calibrated_score`: (closeness - c_max) / (1 - c_max), pirated at or above `margin`, <= 0 within
+      the references' reach; comparable across sources where raw scores are not.
+
+    Why the closest reference and a share of the gap, not a z-score: with one or two references a mean
+    and standard deviation say little, and the gap scales the cut to the source (a source whose homologs
+    agree with it on 0.25 of the core points leaves a wide gap, one whose homologs agree on 0.85 a narrow
+    one). On the zoo it ranked as well as a z-score, a median/MAD score or the references' spread, and held
+    up best with one reference. A method whose closest reference matches the source exactly (no gap) keeps
+    the global THRESHOLDS; so does ddv across label spaces.
+    """
+
+    source: str
+    scores: Mapping[str, Mapping[str, float]]  # method -> {reference name: score}
+    failed: Mapping[str, str] = field(default_factory=dict)  # reference -> why it gave no score (or some)
+    margins: Mapping[str, float] = field(default_factory=lambda: dict(MARGINS))
+    seconds: float = 0.0  # scoring the references (their loading is the caller's)
+
+    def references(self, method: str) -> dict[str, float]:
+        """The references' scores by `method` (empty when none could be scored)."""
+        return dict(self.scores.get(method, {}))
+
+    def _span(self, method: str) -> tuple[float, float] | None:
+        """(c_max, c_min) in closeness units, or None when the method has no usable references."""
+        scores = self.scores.get(method)
+        if not scores or method not in self.margins:
+            return None
+        closeness = [_closeness(method, v) for v in scores.values()]
+        high = max(closeness)
+        return None if 1.0 - high < 1e-6 else (high, min(closeness))
+
+    def thresholds(self, method: str) -> Thresholds | None:
+        """This source's cut-offs for `method`, or None (no usable references: the global ones apply)."""
+        span = self._span(method)
+        if span is None:
+            return None
+        high, low = span
+        pirated = high + self.margins[method] * (1.0 - high)
+        unrelated = min(_closeness(method, THRESHOLDS[method].unrelated), UNRELATED_SHARE * low)
+        return Thresholds(
+            pirated=round(_from_closeness(method, pirated), 6), unrelated=round(_from_closeness(method, unrelated), 6),
+            higher_is_closer=THRESHOLDS[method].higher_is_closer,
+        )
+
+    def calibrated_score(self, method: str, score: float) -> float | None:
+        """`score` against the references: 0 at the closest one, 1 at the source itself, pirated from
+        the method's margin on; None without usable references."""
+        span = self._span(method)
+        if span is None:
+            return None
+        high, _ = span
+        return round((_closeness(method, score) - high) / (1.0 - high), 6)
+
+    def excluding(self, *names: str) -> Calibration:
+        """The same calibration without these references (to judge one of them, or a relative)."""
+        drop = set(names)
+        scores = {m: {n: v for n, v in by.items() if n not in drop} for m, by in self.scores.items()}
+        return replace(self, scores=scores, failed={n: r for n, r in self.failed.items() if n not in drop})
+
+    def evidence(self, method: str) -> dict[str, Any]:
+        """What a verdict calibrated by this says: the references' scores, the margin, the failures."""
+        out: dict[str, Any] = {"references": self.references(method), "margin": self.margins.get(method)}
+        if self.failed:
+            out["failed"] = dict(self.failed)
+        return out
 
 
 # ------------------------------------------------------------------------------------- core points
@@ -396,6 +510,7 @@ def make_probe(
     contrast: bool = False,
     confidence: float = CORE_CONFIDENCE,
     step: float = CORE_STEP,
+    references: Mapping[str, RunnableModel | BaseException | str] | Sequence[RunnableModel] | None = None,
 ) -> Probe:
     """Core points, the source's outputs on them, and ddv pairs: the source's side of every method.
 
@@ -403,10 +518,12 @@ def make_probe(
     with the seeds' statistics, seed text windows, or random tokens). A source whose outputs are an
     embedding gets no core points (only ddv applies). `contrast`: also build boundary points, whose
     agreement `agreement` reports beside the core points' (DeepCore's contrast). `n`, `steps`, `seed`,
-    `confidence`, `step`: as `core_points`.
+    `confidence`, `step`: as `core_points`. `references`: homologs the owner trained apart from the
+    source; the probe then carries their `calibrate` (per-source thresholds), which `verify_pair` uses.
 
     Raises:
-        VerifyError: the source cannot run on its input domain, or outputs NaN.
+        VerifyError: the source cannot run on its input domain, or outputs NaN (a reference that cannot
+            is reported in the calibration, never raised).
     """
     start_time = time.perf_counter()
     core = boundary = None
@@ -422,11 +539,12 @@ def make_probe(
     else:
         profile = _token_pool(source, seeds, 2 * pairs, gen)
     profile = profile.to(source.device)
-    return Probe(
+    probe = Probe(
         source=source, core=core, source_probs=source.probs(core.inputs) if core is not None else None,
         pairs=profile, source_ddv=_ddv(source, profile), boundary=boundary,
         seconds=time.perf_counter() - start_time,
     )
+    return probe if references is None else replace(probe, calibration=calibrate(probe, references))
 
 
 def _ddv(model: RunnableModel, pairs: torch.Tensor) -> torch.Tensor:
@@ -538,12 +656,74 @@ def _ddv_score(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, A
 _PAIR_METHODS = {"agreement": _agreement, "distance": _distance, "ddv": _ddv_score}
 
 
+def calibrate(
+    probe: Probe,
+    references: Mapping[str, RunnableModel | BaseException | str] | Sequence[RunnableModel | BaseException | str],
+    *,
+    methods: Sequence[str] = tuple(_PAIR_METHODS),
+    margins: Mapping[str, float] | None = None,
+) -> Calibration:
+    """Score homolog references against the source's probe: per-source thresholds; never raises.
+
+    Args:
+        probe: the source's probe.
+        references: models the owner trained apart from the source (same architecture and data, another
+            seed), by name (a Mapping, e.g. by URI), or in a list named by their model names. An exception
+            or a string stands for a reference that failed to load: it is reported in `failed`, skipped.
+        methods: the pair methods to calibrate.
+        margins: instead of MARGINS.
+
+    Returns:
+        The Calibration; a reference that cannot be compared with the source (other inputs or labels,
+        NaN outputs) is in `failed` with the reason, per method when only some methods failed.
+    """
+    start = time.perf_counter()
+    if isinstance(references, Mapping):
+        named = list(references.items())
+    else:
+        named = []
+        for i, ref in enumerate(references):
+            name = ref.name if isinstance(ref, RunnableModel) else f"reference {i + 1}"
+            named.append((name if all(name != n for n, _ in named) else f"{name} ({i + 1})", ref))
+    scores: dict[str, dict[str, float]] = {m: {} for m in methods}
+    failed: dict[str, str] = {}
+    for name, ref in named:
+        if not isinstance(ref, RunnableModel):
+            failed[name] = _reason(ref)
+            continue
+        why: dict[str, str] = {}
+        for method in methods:
+            try:
+                if method not in _PAIR_METHODS:
+                    raise VerifyError(f"unknown method {method!r}")
+                _check_pair(probe.source, ref, same_labels=method != "ddv")
+                if (ref.outputs, ref.n_outputs) != (probe.source.outputs, probe.source.n_outputs):
+                    # ddv too: thresholds for same-head suspects never come from a model with another head.
+                    raise VerifyError(f"{ref.name} has {ref.n_outputs} outputs ({ref.outputs}), the source "
+                                      f"{probe.source.n_outputs} ({probe.source.outputs})")
+                score, _ = _PAIR_METHODS[method](probe, ref)
+                if not np.isfinite(score):
+                    raise VerifyError(f"{method} score is not finite ({score})")
+                scores[method][name] = round(score, 6)
+            except Exception as exc:  # noqa: BLE001 -- a bad reference is reported, never raised
+                why[method] = _reason(exc)
+        if why:
+            reasons = set(why.values())
+            failed[name] = reasons.pop() if len(reasons) == 1 and len(why) == len(methods) else "; ".join(
+                f"{m}: {r}" for m, r in why.items())
+    return Calibration(
+        source=probe.source.name, scores=scores, failed=failed, margins=dict(MARGINS if margins is None else margins),
+        seconds=time.perf_counter() - start,
+    )
+
+
 def verify_pair(
     source: RunnableModel | Probe,
     suspect: RunnableModel | BaseException | str,
     method: str = "agreement",
     *,
     thresholds: Thresholds | None = None,
+    calibration: Calibration | None = None,
     **probe_options: Any,
 ) -> Verdict:
     """One method's verdict on a (source, suspect) pair; never raises.
@@ -553,11 +733,15 @@ def verify_pair(
         suspect: the model to judge; an exception or a string stands for a suspect that failed to load,
             and becomes an `error` verdict with that reason.
         method: "agreement", "distance" or "ddv" ("cluster" needs a group: `verify_group`).
-        thresholds: instead of THRESHOLDS[method].
-        probe_options: `make_probe` options (seeds, n, steps, seed, contrast) when `source` is a model.
+        thresholds: instead of THRESHOLDS[method] and any calibration.
+        calibration: per-source thresholds (`calibrate`) instead of the probe's own; without either, or
+            for a method it has no usable references for, THRESHOLDS[method] judge.
+        probe_options: `make_probe` options (seeds, n, steps, seed, contrast, references) when `source`
+            is a model.
 
     Returns:
-        A Verdict; `error` with a reason when the pair cannot be compared.
+        A Verdict; `error` with a reason when the pair cannot be compared. `evidence["calibration"]` says
+        which thresholds judged it; `calibrated_score` is set when references did.
     """
     start = time.perf_counter()
     source_name = source.source.name if isinstance(source, Probe) else source.name
@@ -571,7 +755,12 @@ def verify_pair(
 
     if method == "cluster":
         if isinstance(suspect, RunnableModel):
-            return verify_group(source, [suspect], thresholds=thresholds, **probe_options)[0]
+            # References are homologs: the cluster method anchors the other group with them.
+            given = probe_options.pop("references", None) or ()
+            models = [r for r in (given.values() if isinstance(given, Mapping) else given)
+                      if isinstance(r, RunnableModel)]
+            return verify_group(source, [suspect], {"homolog": models} if models else None, thresholds=thresholds,
+                                **probe_options)[0]
         return failed(_reason(suspect))
     if method not in _PAIR_METHODS or cut is None:
         return failed(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
@@ -586,11 +775,23 @@ def verify_pair(
         return failed(_reason(exc))
     if not np.isfinite(score):
         return failed(f"{method} score is not finite ({score})")
-    if thresholds is None and evidence.get("label_spaces_differ"):
+    calibration = calibration or probe.calibration
+    calibrated = None
+    used = "global"
+    if thresholds is not None:
+        used = "given"
+    elif evidence.get("label_spaces_differ"):
         cut = THRESHOLDS["ddv-heads"]
-        cut_dict = cut.as_dict()
-    return Verdict(method, round(score, 6), cut.verdict(score), cut_dict, evidence, source=source_name,
-                   suspect=suspect_name, seconds=time.perf_counter() - start)
+        if calibration is not None:
+            used = "global (the references answer in the source's label space, this suspect does not)"
+    elif calibration is not None and (own := calibration.thresholds(method)) is not None:
+        cut, calibrated, used = own, calibration.calibrated_score(method, score), "per source"
+    elif calibration is not None:
+        used = "global (no usable reference: none scored, or one matches the source exactly)"
+    # Which thresholds judged, and with references, their scores: the calibration is part of the evidence.
+    evidence["calibration"] = used if calibration is None else {"thresholds": used, **calibration.evidence(method)}
+    return Verdict(method, round(score, 6), cut.verdict(score), cut.as_dict(), evidence, source=source_name,
+                   suspect=suspect_name, seconds=time.perf_counter() - start, calibrated_score=calibrated)
 
 
 def verify_group(
@@ -765,11 +966,14 @@ def verify_uris(
     seeds: torch.Tensor | np.ndarray | None = None,
     source_arch: str | None = None,
     suspect_arch: str | None = None,
+    references: Sequence[str] = (),
     **probe_options: Any,
 ) -> Verdict:
     """Load both models (`load_runnable`) and verify the pair; never raises.
 
     A source or suspect that fails to load gives an `error` verdict with the loader's reason.
+    `references`: URIs of homolog references (loaded like the source) to calibrate on (`calibrate`); one
+    that fails to load is reported in the verdict's evidence and skipped.
     """
     start = time.perf_counter()
     try:
@@ -782,6 +986,15 @@ def verify_uris(
         other: RunnableModel | BaseException = load_runnable(suspect, arch=suspect_arch, device=device)
     except Exception as exc:  # noqa: BLE001
         other = exc
+    if references:
+        probe_options["references"] = {uri: _load_or_error(uri, source_arch, device) for uri in references}
     verdict = verify_pair(model, other, method, seeds=seeds, **probe_options)
     return Verdict(**{**{f: getattr(verdict, f) for f in Verdict.__dataclass_fields__},
                       "suspect": verdict.suspect or suspect, "seconds": time.perf_counter() - start})
+
+
+def _load_or_error(uri: str, arch: str | None, device: str) -> RunnableModel | BaseException:
+    try:
+        return load_runnable(uri, arch=arch, device=device)
+    except Exception as exc:  # noqa: BLE001 -- reported where it is used
+        return exc

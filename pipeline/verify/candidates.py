@@ -1,20 +1,23 @@
 """Stage 2 for one protected model and its stage-1 candidates: load it once, probe it once, judge each.
 
 The unit of work of the sweep's stage 2 (one Ray task per protected model): the protected model is
-loaded and its probe (core points, ddv pairs) built once, then every candidate is loaded, judged by each
-method and dropped before the next one loads. Nothing here raises for a bad model: a protected model
-that cannot load or run gives every candidate an `error` verdict saying so, a candidate that cannot gives
-its own; the sweep goes on either way.
+loaded and its probe (core points, ddv pairs) built once, with its homolog references, if it has any,
+loaded and scored once beside it (per-source thresholds, `calibrate`); then every candidate is loaded,
+judged by each method and dropped before the next one loads. Nothing here raises for a bad model: a
+protected model that cannot load or run gives every candidate an `error` verdict saying so, a candidate
+that cannot gives its own, a reference that cannot is reported in every verdict's evidence and skipped;
+the sweep goes on either way.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from pipeline.errors import ModelhashError
-from pipeline.verify.behavior import ERROR, THRESHOLDS, Verdict, make_probe, verify_pair
+from pipeline.verify.behavior import ERROR, THRESHOLDS, Verdict, calibrate, make_probe, verify_pair
 from pipeline.verify.runnable import RunnableModel, load_runnable
 
 __all__ = ["PAIR_METHODS", "verify_candidates"]
@@ -28,6 +31,7 @@ def verify_candidates(
     methods: Sequence[str] = ("agreement",),
     *,
     device: str = "cpu",
+    references: Sequence[str] = (),
     **probe_options: Any,
 ) -> list[list[Verdict]]:
     """Judge every suspect against `source` by every method; never raises.
@@ -37,6 +41,8 @@ def verify_candidates(
         suspects: the candidates' URIs.
         methods: pair methods (`PAIR_METHODS`), in the order their verdicts are returned.
         device: where the models run ("cpu", "cuda").
+        references: URIs of the protected model's homolog references (models its owner trained apart
+            from it): per-source thresholds instead of the global ones. Loaded once, scored, dropped.
         probe_options: `make_probe` options (n, steps, seed, ...).
 
     Returns:
@@ -49,6 +55,15 @@ def verify_candidates(
         reason = f"protected model {source}: {_one_line(exc)}"
         seconds = time.perf_counter() - start
         return [[_failed(m, reason, source, s, seconds) for m in methods] for s in suspects]
+    if references:
+        loaded: dict[str, RunnableModel | BaseException] = {}
+        for uri in references:
+            try:
+                loaded[uri] = load_runnable(uri, device=device)
+            except Exception as exc:  # noqa: BLE001 -- calibrate reports it and skips it
+                loaded[uri] = exc
+        probe = replace(probe, calibration=calibrate(probe, loaded, methods=methods))
+        del loaded  # the references' scores are kept, not their weights
     out = []
     for uri in suspects:
         began = time.perf_counter()
