@@ -23,6 +23,7 @@ run: setup
 	$(PY) -m bench.zoo $(DEMO)/zoo
 	$(VENV)/bin/modelhash crawl $(DEMO)/zoo --index $(DEMO)/index
 	$(VENV)/bin/modelhash query $(DEMO)/zoo/mlp-s0 --index $(DEMO)/index -k 20
+	$(VENV)/bin/modelhash verify $(DEMO)/zoo/mlp-s0 $(DEMO)/zoo/mlp-s0-ft-prune50 $(DEMO)/zoo/mlp-s1
 
 test: setup lint
 	$(PY) -m pytest -q
