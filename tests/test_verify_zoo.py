@@ -86,17 +86,23 @@ def test_students_learn_the_task_and_share_no_weights(tiny):
 
 
 def test_bench_verify_end_to_end(tiny):
-    from bench.verify import METHODS, calibrate, evaluate, render, run
+    from bench.verify import METHODS, REF_METHODS, calibrate, evaluate, render, run
     from bench.zoo import _one_thread
 
     root, manifest = tiny
     with _one_thread():  # as the bench runs: two threads on a busy 2-core box run many times slower
         pairs, times = run(root, manifest, probes=("core-real",), log=lambda _: None)
-    assert {p.method for p in pairs} == set(METHODS)
-    assert all(p.verdict in ("pirated", "homolog", "unrelated") and p.score is not None for p in pairs), [
-        p for p in pairs if p.verdict == "error"]
+    assert {p.method for p in pairs} == {*METHODS, *REF_METHODS}
+    assert all(p.verdict in ("pirated", "homolog", "unrelated") and p.score is not None for p in pairs
+               if p.method in METHODS), [p for p in pairs if p.verdict == "error"]
+    # Calibrated against references: a score wherever a reference is left once the suspect is left out (the
+    # tiny zoo's CNN has one: judging that one, the global thresholds judge, and there is no calibrated score).
+    calibrated = [p for p in pairs if p.method in REF_METHODS]
+    assert all(p.verdict != "error" for p in calibrated)
+    assert all(p.score is not None for p in calibrated if p.suspect != "cnn-h10")
     assert len(times["load"]) == len(manifest["models"]) and len(times["probe:core-real"]) == 3
-    reports = {("core-real", m): evaluate(pairs, "core-real", m) for m in METHODS}
+    assert len(times["calibrate:core-real"]) == 3
+    reports = {("core-real", m): evaluate(pairs, "core-real", m) for m in (*METHODS, *REF_METHODS)}
     for r in reports.values():
         assert r.auc["all"] is not None and 0 <= r.auc["all"] <= 1
         assert r.missed["all"][2] > 0 and r.false_homolog["all"][2] > 0 and r.false_unrelated["all"][2] > 0
@@ -108,3 +114,4 @@ def test_bench_verify_end_to_end(tiny):
     assert cut == r.calibrated and sum(p.score >= cut for p in cal_neg) <= 0.01 * len(cal_neg)
     table = render(reports, pairs, times, manifest)
     assert "| ft-short (" in table and "`cluster-all`" in table and "a pair from scratch" in table
+    assert "Per-source calibration against homolog references" in table and "| `ddv`, 1 reference |" in table
