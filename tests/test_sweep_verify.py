@@ -13,7 +13,8 @@ import torch
 
 from bench.zoo import fine_tune, load_digits_split, save_checkpoint, state_dict_of, train_mlp
 from jobs.crawl import crawl
-from jobs.sweep import load_references, sweep
+from jobs.stage2 import load_references
+from jobs.sweep import sweep
 from pipeline.errors import SourceError
 from pipeline.hashing import get_spec
 from pipeline.index.reader import IndexReader
