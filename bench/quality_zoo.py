@@ -29,8 +29,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
 import sys
 import sysconfig
 import time
@@ -42,13 +40,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bench.cache import is_complete, read_manifest, start_fresh, write_manifest
 from bench.zoo import DigitsSplit, _one_thread, load_digits_split
 from pipeline.verify.archs import DigitsCNN, DigitsMLP, DigitsResNet, TinyGPT
 
 StateDict = dict[str, torch.Tensor]
 
 ZOO_VERSION = 1
-MANIFEST_NAME = "zoo.json"
 DEFAULT_DIR = Path(__file__).with_name(".cache") / "quality_zoo"
 
 # Every copy kind, in table order. A kind an original cannot have (no BatchNorm to fold, no training
@@ -567,25 +565,16 @@ def build_quality_zoo(out_dir: Path = DEFAULT_DIR, size: str = "full", seed: int
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     out_dir = Path(out_dir)
     params = {"zoo_version": ZOO_VERSION, "size": size, "seed": seed, "torch": torch.__version__}
-    try:
-        old = json.loads((out_dir / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        old = None
-    if (not force and isinstance(old, dict) and old.get("params") == params
-            and all((out_dir / m["name"] / m["file"]).is_file() for m in old["models"])):
+    old = read_manifest(out_dir)
+    if not force and is_complete(old, out_dir, params):
         return old
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    start_fresh(out_dir)
     start = time.perf_counter()
     with _one_thread():
         models = _build(out_dir, SIZES[size], seed, log)
     manifest = {"version": ZOO_VERSION, "params": params, "models": models,
                 "seconds": round(time.perf_counter() - start, 1)}
-    tmp = out_dir / f"{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out_dir / MANIFEST_NAME)
+    write_manifest(out_dir, manifest)
     return manifest
 
 

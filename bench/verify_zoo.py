@@ -29,9 +29,6 @@ name; null for shared homologs and unrelated models), `relation` ("original", "p
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.cache import is_complete, read_manifest, start_fresh, write_manifest
 from bench.quality_zoo import (
     _digits_model,
     _fine_tunes,
@@ -57,7 +55,6 @@ from bench.zoo import DigitsSplit, _one_thread, load_digits_split
 __all__ = ["DEFAULT_DIR", "KINDS", "SIZES", "build_verify_zoo", "comparisons", "load_zoo_model"]
 
 ZOO_VERSION = 1
-MANIFEST_NAME = "zoo.json"
 SEEDS_NAME = "seeds.npy"
 DEFAULT_DIR = Path(__file__).with_name(".cache") / "verify_zoo"
 
@@ -174,26 +171,16 @@ def build_verify_zoo(out_dir: Path = DEFAULT_DIR, size: str = "full", seed: int 
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     out_dir = Path(out_dir)
     params = {"zoo_version": ZOO_VERSION, "size": size, "seed": seed, "torch": torch.__version__}
-    try:
-        old = json.loads((out_dir / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        old = None
-    if (not force and isinstance(old, dict) and old.get("params") == params
-            and (out_dir / SEEDS_NAME).is_file()
-            and all((out_dir / m["name"] / m["file"]).is_file() for m in old["models"])):
+    old = read_manifest(out_dir)
+    if not force and is_complete(old, out_dir, params, extra_files=(SEEDS_NAME,)):
         return old
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    start_fresh(out_dir)
     start = time.perf_counter()
     with _one_thread():
         models = _build(out_dir, SIZES[size], seed, log)
     manifest = {"version": ZOO_VERSION, "params": params, "seeds": SEEDS_NAME, "models": models,
                 "seconds": round(time.perf_counter() - start, 1)}
-    tmp = out_dir / f"{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out_dir / MANIFEST_NAME)
+    write_manifest(out_dir, manifest)
     return manifest
 
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from bench.cache import MANIFEST_NAME, is_complete, read_manifest, write_manifest
 from pipeline.verify.archs import DigitsCNN, DigitsMLP
 
 __all__ = [
@@ -56,7 +56,6 @@ StateDict = dict[str, torch.Tensor]
 
 # Bump when the recipe changes (architectures, epochs, copies), so cached zoos are rebuilt.
 ZOO_VERSION = 1
-MANIFEST_NAME = "zoo.json"
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
 RENAME_PREFIX = "module."
@@ -282,24 +281,6 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _read_manifest(out_dir: Path) -> dict | None:
-    """The manifest in `out_dir`, or None where there is none or it does not parse."""
-    try:
-        return json.loads((out_dir / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_complete(manifest: dict | None, out_dir: Path, params: dict) -> bool:
-    """True if `manifest` was written for `params` and every checkpoint it names is on disk."""
-    if not isinstance(manifest, dict) or manifest.get("params") != params:
-        return False
-    try:
-        return all((out_dir / m["name"] / m["file"]).is_file() for m in manifest["models"])
-    except (KeyError, TypeError):  # a hand-edited or foreign zoo.json: rebuild
-        return False
-
-
 def build_demo_zoo(out_dir: Path, seed: int = 0, force: bool = False) -> dict:
     """Build the demo zoo under `out_dir`, or return the one already there.
 
@@ -317,8 +298,8 @@ def build_demo_zoo(out_dir: Path, seed: int = 0, force: bool = False) -> dict:
     """
     out_dir = Path(out_dir)
     params = {"zoo_version": ZOO_VERSION, "seed": seed}
-    old = _read_manifest(out_dir)
-    if old is not None and not force and _is_complete(old, out_dir, params):
+    old = read_manifest(out_dir)
+    if not force and is_complete(old, out_dir, params):
         print(f"{out_dir}: the zoo for seed {seed} is complete; nothing to do", flush=True)
         return old
 
@@ -334,9 +315,7 @@ def build_demo_zoo(out_dir: Path, seed: int = 0, force: bool = False) -> dict:
     with _one_thread():
         models = _build(out_dir, seed)
     manifest = {"version": ZOO_VERSION, "params": params, "models": models}
-    tmp = out_dir / f"{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST_NAME)  # atomic: the manifest appears whole, last
+    write_manifest(out_dir, manifest, indent=2)
     return manifest
 
 
