@@ -46,6 +46,7 @@ from bench.results import write_section
 from bench.verify_zoo import DEFAULT_DIR, HOMOLOG_KINDS, PIRATED_KINDS, UNRELATED_KINDS, build_verify_zoo, comparisons
 from pipeline.verify.behavior import (
     MARGINS,
+    PAIR_METHODS,
     THRESHOLDS,
     Probe,
     core_points,
@@ -56,7 +57,6 @@ from pipeline.verify.behavior import (
 from pipeline.verify.behavior import calibrate as calibrate_on_references
 from pipeline.verify.runnable import RunnableModel, load_runnable
 
-PAIR_METHODS = ("agreement", "distance", "ddv")
 METHODS = (*PAIR_METHODS, "cluster", "cluster-all")
 # Reference sets for the per-source calibration: suffix of the method's name -> how many references
 # (None: every same-data homolog left after leaving out the suspect and its original).

@@ -23,26 +23,26 @@ from tqdm import tqdm
 from pipeline.errors import SourceError
 from pipeline.index.reader import CodePlan, Codes
 from pipeline.search.report import Candidate, Protected, Stage2
+from pipeline.verify.behavior import PAIR_METHODS
 
 if TYPE_CHECKING:
     from pipeline.verify.behavior import Verdict
 
-VERIFY_METHODS = ("agreement", "distance", "ddv")  # what `--verify-method all` runs, in this order
 VERIFY_MAX_PAIRS = 1000  # candidate model pairs verified per sweep, nearest first
 VERIFY_RETRIES = 1  # a verify task lost with its worker (out of memory on a big model) is re-run once
 POLL_SECONDS = 1.0
 
 
 def verify_methods(method: str) -> tuple[str, ...]:
-    """The pair methods `--verify-method` names: one of VERIFY_METHODS, or `all` of them.
+    """The pair methods `--verify-method` names: one of PAIR_METHODS, or `all` of them.
 
     Raises:
         ValueError: another name.
     """
     if method == "all":
-        return VERIFY_METHODS
-    if method not in VERIFY_METHODS:
-        raise ValueError(f"unknown verify method {method!r} (expected one of {', '.join(VERIFY_METHODS)} or all)")
+        return PAIR_METHODS
+    if method not in PAIR_METHODS:
+        raise ValueError(f"unknown verify method {method!r} (expected one of {', '.join(PAIR_METHODS)} or all)")
     return (method,)
 
 

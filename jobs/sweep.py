@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from jobs.entry import job_main
 from jobs.query import hash_uri
-from jobs.stage2 import VERIFY_MAX_PAIRS, VERIFY_METHODS, load_references, verify_methods, verify_pairs
+from jobs.stage2 import VERIFY_MAX_PAIRS, load_references, verify_methods, verify_pairs
 from pipeline.errors import ModelhashError, ModelIndexError, SourceError
 from pipeline.hashing import Spec, get_spec
 from pipeline.hashing.model import HashResult, hash_model
@@ -64,6 +64,7 @@ from pipeline.search.report import (
 from pipeline.search.sweep import PARTS, WHOLE, Hits, Target, empty_hits, merge, search
 from pipeline.settings import Settings
 from pipeline.sources import list_models
+from pipeline.verify.behavior import PAIR_METHODS
 
 QUERY_TILE = 4096  # query codes per local pass over the index: the unit of streaming and progress
 SCAN_RETRIES = 3  # a scan task lost with its worker is re-run
@@ -415,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stage 2: verify the candidate model pairs by behaviour (default: on)",
     )
     parser.add_argument(
-        "--verify-method", default="agreement", choices=[*VERIFY_METHODS, "all"],
+        "--verify-method", default="agreement", choices=[*PAIR_METHODS, "all"],
         help="stage 2's method (default agreement; all: agreement, distance and ddv)",
     )
     parser.add_argument(

@@ -24,21 +24,17 @@ import numpy as np
 from jobs.entry import job_main
 from pipeline.errors import ModelhashError, VerifyError
 from pipeline.verify.behavior import (
-    CORE_POINTS,
-    CORE_STEPS,
     METHODS,
+    PAIR_METHODS,
     THRESHOLDS,
-    TOKEN_POINTS,
-    TOKEN_STEPS,
     Probe,
     Verdict,
     make_probe,
     verify_group,
     verify_pair,
 )
+from pipeline.verify.core_points import CORE_POINTS, CORE_STEPS, TOKEN_POINTS, TOKEN_STEPS
 from pipeline.verify.runnable import RunnableModel, load_runnable
-
-PAIR_METHODS = ("agreement", "distance", "ddv")
 
 
 @dataclass

@@ -20,9 +20,7 @@ from pipeline.errors import ModelhashError
 from pipeline.verify.behavior import ERROR, THRESHOLDS, Verdict, calibrate, make_probe, verify_pair
 from pipeline.verify.runnable import RunnableModel, load_runnable
 
-__all__ = ["PAIR_METHODS", "verify_candidates"]
-
-PAIR_METHODS = ("agreement", "distance", "ddv")  # the methods that judge one pair at a time
+__all__ = ["verify_candidates"]
 
 
 def verify_candidates(

@@ -1,0 +1,251 @@
+"""DeepCore's core points: inputs a source model classifies with high confidence, far from its boundary.
+
+Each point starts from a random draw of the source's input domain (Gaussian with the seeds' per-feature
+statistics; for token models, windows of seed text, text the model writes itself, or random tokens) and
+gets a target label the source did not give it, spread over all classes; it then moves until the source
+gives that label with `confidence`: by signed-gradient steps for continuous inputs, by a greedy search over
+single-token substitutions for token inputs (which have no gradient). The `boundary` variant moves points
+to where the source's top two labels tie instead (DeepCore's contrast).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import VerifyError
+from pipeline.verify.runnable import InputDomain, RunnableModel
+
+__all__ = ["CORE_CONFIDENCE", "CORE_STEP", "CorePoints", "core_points", "input_spread", "require_labels", "token_pool"]
+
+# The probe: core points per source, search steps at most, the source's confidence in each point's label.
+CORE_POINTS = 200
+CORE_STEPS = 100
+CORE_CONFIDENCE = 0.9
+CORE_STEP = 0.02  # continuous inputs: a step is this fraction of each feature's spread
+# Token inputs have no gradient: a greedy search tries this many single-token substitutions per sequence
+# and step, for at most TOKEN_STEPS steps (a forward pass per candidate: kept small for CPU).
+TOKEN_CANDIDATES = 8
+TOKEN_STEPS = 20
+TOKEN_POINTS = 100
+
+
+@dataclass(frozen=True)
+class CorePoints:
+    """Inputs on which the source is confident (`core`) or undecided (`boundary`), with its labels."""
+
+    inputs: torch.Tensor  # (n, *shape): float for continuous inputs, int64 token ids for token models
+    labels: torch.Tensor  # (n,) the source's label on each point
+    confidence: torch.Tensor  # (n,) the source's probability of that label
+    variant: str
+    seconds: float
+
+
+def core_points(
+    source: RunnableModel,
+    *,
+    seeds: torch.Tensor | np.ndarray | None = None,
+    n: int | None = None,
+    steps: int | None = None,
+    variant: str = "core",
+    seed: int = 0,
+    confidence: float = CORE_CONFIDENCE,
+    step: float = CORE_STEP,
+) -> CorePoints:
+    """Inputs the source classifies with `confidence` in a label it did not give the start (DeepCore's
+    core points), or inputs on its decision boundary (`variant="boundary"`, for contrast).
+
+    Start points are random draws of the input domain: for continuous inputs, Gaussian with the seeds'
+    per-feature mean and standard deviation (`seeds`: real inputs, (N, *shape)), else with mean 0 and
+    the domain's scale; for token inputs, windows of the seed text (a 1-D token stream or (N, L) ids),
+    else text a language model writes itself (sampled from it), or uniform random tokens for a sequence
+    classifier. Each start gets a target label, spread round-robin over the classes and
+    different from the source's label on it; the search then moves it until the source gives the target
+    `confidence` (DeepCore: confidence grows with the distance from the boundary). `n` and `steps` default
+    to CORE_POINTS and CORE_STEPS for continuous inputs, TOKEN_POINTS and TOKEN_STEPS for tokens.
+
+    Why random starts and a fixed confidence rather than real inputs pushed to saturation: on the zoo,
+    points deep in a class (saturated confidence) are labelled alike by every model trained on the same
+    data, homologs included; points the source was led to, at a set confidence, are where copies of it
+    follow and homologs do not, and a set confidence puts them at comparable depth for every architecture.
+
+    Continuous inputs take signed-gradient steps of `step` x the per-feature spread, each point stopping
+    when it reaches `confidence`, within 4 spreads of the mean. Token ids have no gradient: each step
+    tries TOKEN_CANDIDATES random single-token substitutions per sequence and keeps the best, a greedy
+    search that never lowers the objective. A language model (more outputs than points) targets each
+    sequence's second most likely next token. `boundary`: the target's logit is driven to the runner-up's
+    (margin 0), the near-boundary points IPGuard-style fingerprints use. Deterministic from `seed`.
+
+    Raises:
+        VerifyError: the source fails on its inputs or outputs NaN, or its outputs are not labels.
+        ValueError: a bad argument (variant, n, steps, confidence).
+    """
+    if variant not in ("core", "boundary"):
+        raise ValueError(f"variant must be 'core' or 'boundary', not {variant!r}")
+    continuous = source.domain.kind == "continuous"
+    n = n if n is not None else CORE_POINTS if continuous else TOKEN_POINTS
+    steps = steps if steps is not None else CORE_STEPS if continuous else TOKEN_STEPS
+    if n < 1 or steps < 0 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"need n >= 1, steps >= 0, 0 < confidence < 1 (got {n}, {steps}, {confidence})")
+    start_time = time.perf_counter()
+    require_labels(source)
+    gen = torch.Generator().manual_seed(seed)
+    domain = source.domain
+    if domain.kind == "continuous":
+        mean, spread = input_spread(domain, seeds)
+        pool = mean + spread * torch.randn((max(4 * n, 64), *domain.shape), generator=gen)
+        starts, targets = _targets(source, pool, n, gen)
+        low = mean - 4 * spread if domain.low is None else torch.full(domain.shape, domain.low)
+        high = mean + 4 * spread if domain.high is None else torch.full(domain.shape, domain.high)
+        x = _ascend(source, starts, targets, variant, steps=steps, step=step * spread, confidence=confidence,
+                    low=low, high=high)
+    else:
+        language_model = source.n_outputs == domain.vocab  # no classes to spread: n starts are enough
+        pool = token_pool(source, seeds, n if language_model else max(4 * n, 64), gen)
+        starts, targets = _targets(source, pool, n, gen)
+        x = _mutate(source, starts, targets, variant, steps=steps, confidence=confidence, gen=gen)
+    probs = source.probs(x)
+    labels = probs.argmax(dim=1)
+    return CorePoints(
+        inputs=x, labels=labels, confidence=probs.gather(1, labels[:, None])[:, 0], variant=variant,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def input_spread(domain: InputDomain, seeds: torch.Tensor | np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation of the inputs: the seeds', or (0, scale)."""
+    if seeds is None:
+        return torch.zeros(domain.shape), torch.full(domain.shape, float(domain.scale))
+    data = torch.as_tensor(np.asarray(seeds)).float()
+    if data.dim() < 1 or len(data) < 2 or data[0].numel() != int(np.prod(domain.shape)):
+        raise VerifyError(f"seeds of shape {tuple(data.shape)} do not fit the model's inputs {domain.shape}")
+    data = data.reshape(len(data), *domain.shape)
+    if not torch.isfinite(data).all():
+        raise VerifyError("seeds hold NaN or infinite values")
+    return data.mean(dim=0), data.std(dim=0)
+
+
+def token_pool(source: RunnableModel, seeds: torch.Tensor | np.ndarray | None, size: int,
+                gen: torch.Generator) -> torch.Tensor:
+    """Start sequences: windows of the seed tokens; else text the model writes itself (a language model:
+    random tokens are far from anything it was trained on, and it is not confident there); else uniform
+    random tokens."""
+    domain = source.domain
+    length = domain.shape[0]
+    if seeds is None:
+        if source.outputs == "labels" and source.n_outputs == domain.vocab:
+            return _generate(source, size, length, gen)
+        return torch.randint(0, domain.vocab, (size, length), generator=gen)
+    data = torch.as_tensor(np.asarray(seeds)).long()
+    if data.dim() == 1:
+        if len(data) < length:
+            raise VerifyError(f"seed text has {len(data)} tokens, fewer than the probe's {length}")
+        offsets = torch.randint(0, len(data) - length + 1, (size,), generator=gen)
+        data = torch.stack([data[o: o + length] for o in offsets.tolist()])
+    elif data.dim() != 2 or data.shape[1] < length or len(data) == 0:
+        raise VerifyError(f"token seeds must be a stream or (N, >= {length}) ids, got {tuple(data.shape)}")
+    else:
+        data = data[torch.randint(0, len(data), (size,), generator=gen), :length]
+    if int(data.min()) < 0 or int(data.max()) >= domain.vocab:
+        raise VerifyError(f"seed token ids outside the vocabulary [0, {domain.vocab})")
+    return data
+
+
+def _generate(source: RunnableModel, size: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """`size` sequences sampled from a language model (temperature 1), each from a random first token."""
+    x = torch.randint(0, source.domain.vocab, (size, 1), generator=gen)
+    for _ in range(length - 1):
+        probs = source.probs(x).cpu().double()
+        x = torch.cat([x, torch.multinomial(probs, 1, generator=gen)], dim=1)
+    return x
+
+
+def _targets(source: RunnableModel, pool: torch.Tensor, n: int, gen: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n starts and their target labels: spread round-robin over the classes, each start one the
+    source gives another label (a language model: each sequence's runner-up token)."""
+    logits = source.logits(pool).cpu()
+    predicted = logits.argmax(dim=1)
+    classes = source.n_outputs
+    if classes > n:  # a vocabulary, not classes to spread over
+        return pool[:n], logits[:n].topk(2, dim=1).indices[:, 1]
+    used = torch.zeros(len(pool), dtype=torch.bool)
+    picks, targets = [], []
+    for i in range(n):
+        c = i % classes
+        free = (~used & (predicted != c)).nonzero()
+        if len(free) == 0:
+            free = (~used).nonzero()
+        j = int(free[0])
+        used[j] = True
+        picks.append(j)
+        targets.append(c)
+    return pool[picks], torch.tensor(targets)
+
+
+def _objective(logits: torch.Tensor, targets: torch.Tensor, variant: str) -> torch.Tensor:
+    """Per-point loss to minimise: -log p(target) (core) or the squared margin to the runner-up."""
+    if variant == "core":
+        return F.cross_entropy(logits, targets, reduction="none")
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
+    return (target_logit - others) ** 2
+
+
+def _done(loss: torch.Tensor, variant: str, confidence: float) -> torch.Tensor:
+    """Points whose search is over: confident enough (core), or on the boundary (margin under 0.01)."""
+    return loss <= -np.log(confidence) if variant == "core" else loss <= 1e-4
+
+
+def _ascend(source: RunnableModel, starts: torch.Tensor, targets: torch.Tensor, variant: str, *, steps: int,
+            step: torch.Tensor, confidence: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    device = source.device
+    x = starts.to(device).clone().requires_grad_(True)
+    targets, step, low, high = targets.to(device), step.to(device), low.to(device), high.to(device)
+    shape = (-1, *([1] * (x.dim() - 1)))
+    for _ in range(steps):
+        loss = _objective(source.forward(x), targets, variant)
+        if not torch.isfinite(loss).all():
+            raise VerifyError(f"{source.name}: non-finite outputs while searching core points")
+        active = ~_done(loss.detach(), variant, confidence)
+        if not active.any():
+            break
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        with torch.no_grad():
+            x -= step * grad.sign() * active.reshape(shape)
+            x.copy_(torch.maximum(torch.minimum(x, high), low))
+    return x.detach()
+
+
+def _mutate(source: RunnableModel, starts: torch.Tensor, targets: torch.Tensor, variant: str, *, steps: int,
+            confidence: float, gen: torch.Generator) -> torch.Tensor:
+    n, length = starts.shape
+    k = TOKEN_CANDIDATES
+    x = starts.clone()
+    best = _objective(source.logits(x).cpu(), targets, variant)
+    for _ in range(steps):
+        active = (~_done(best, variant, confidence)).nonzero()[:, 0]
+        if len(active) == 0:
+            break
+        m = len(active)
+        cands = x[active].repeat_interleave(k, dim=0)
+        cands[torch.arange(m * k), torch.randint(0, length, (m * k,), generator=gen)] = torch.randint(
+            0, source.domain.vocab, (m * k,), generator=gen
+        )
+        loss = _objective(source.logits(cands).cpu(), targets[active].repeat_interleave(k), variant).reshape(m, k)
+        value, pick = loss.min(dim=1)
+        better = value < best[active]
+        rows = active[better]
+        x[rows] = cands.reshape(m, k, length)[better, pick[better]]
+        best[rows] = value[better]
+    return x.to(source.device)
+
+
+def require_labels(model: RunnableModel) -> None:
+    """Core points and the label methods need a classifier: refuse a model whose outputs are an embedding."""
+    if model.outputs != "labels":
+        raise VerifyError(f"{model.name} outputs an embedding, not labels: compare it with ddv")
