@@ -143,8 +143,9 @@ def verify_pairs(
 def _answer(verdicts: list[Verdict]) -> Stage2:
     """A pair's answer: the first method that could compare it leads; every method's answer kept."""
     lead = next((v for v in verdicts if v.verdict != "error"), verdicts[0])
-    every = tuple({"method": v.method, "verdict": v.verdict, "score": v.score, "reason": v.reason} for v in verdicts)
-    return Stage2(lead.verdict, lead.method, lead.score, lead.reason, every)
+    every = tuple({"method": v.method, "verdict": v.verdict, "score": v.score,
+                   "calibrated_score": v.calibrated_score, "reason": v.reason} for v in verdicts)
+    return Stage2(lead.verdict, lead.method, lead.score, lead.reason, every, lead.calibrated_score)
 
 
 Calibrated = dict[str, Any]  # a group's references as its verdicts' evidence shows them: scored, skipped

@@ -21,7 +21,9 @@ from pipeline.index.reader import IndexReader
 from pipeline.index.uris import crawled_root, model_uri
 from pipeline.search.report import REPORT_SCHEMA
 
-STAGE2 = ["stage2_method", "stage2_verdict", "stage2_score", "stage2_reason", "stage2_methods"]
+STAGE2 = [
+    "stage2_method", "stage2_verdict", "stage2_score", "stage2_calibrated_score", "stage2_reason", "stage2_methods",
+]
 # Every pair a candidate: the homolog (another seed) lies beyond `related`, and stage 2 must see it.
 WIDE = {"max_distance": 256, "verify_max_distance": 256}
 
@@ -100,6 +102,7 @@ def test_stage2_verdicts(zoo, tmp_path) -> None:
     assert _one(pairs["finetuned"], "stage2_verdict") == "pirated"
     assert _one(pairs["finetuned"], "stage2_method") == "agreement" and _one(pairs["finetuned"], "stage2_score") > 0.9
     assert _one(pairs["homolog"], "stage2_verdict") in ("homolog", "unrelated")
+    assert _one(pairs["finetuned"], "stage2_calibrated_score") is None  # no references given
     # A model that cannot run: a clear reason, and its stage-1 verdict kept.
     assert _one(pairs["wrongarch"], "stage2_verdict") == "error"
     assert "conv1.weight" in _one(pairs["wrongarch"], "stage2_reason")
@@ -189,6 +192,8 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     pairs = _by_match(out)
     assert _one(pairs["finetuned"], "stage2_verdict") == "pirated"
     assert _one(pairs["homolog"], "stage2_verdict") != "pirated"
+    # Judged against the reference: the copy closes most of the gap to the source, the homolog does not.
+    assert _one(pairs["finetuned"], "stage2_calibrated_score") > _one(pairs["homolog"], "stage2_calibrated_score")
     (calibrated,) = summary.stage2_references
     assert calibrated["protected"] == str(zoo["protected"].resolve() / "orig") and calibrated["given"] == 2
     assert calibrated["thresholds"] == "per source"

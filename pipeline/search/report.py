@@ -30,7 +30,8 @@ from pipeline.search import hamming
 from pipeline.search.sweep import PARTS, Hits
 
 STAGE2_ENTRY = pa.struct(
-    [("method", pa.string()), ("verdict", pa.string()), ("score", pa.float64()), ("reason", pa.string())]
+    [("method", pa.string()), ("verdict", pa.string()), ("score", pa.float64()),
+     ("calibrated_score", pa.float64()), ("reason", pa.string())]
 )
 REPORT_SCHEMA = pa.schema(
     [
@@ -51,6 +52,9 @@ REPORT_SCHEMA = pa.schema(
         ("stage2_method", pa.string()),  # the method stage2_verdict comes from
         ("stage2_verdict", pa.string()),  # pirated, homolog, unrelated, or error (stage2_reason says why)
         ("stage2_score", pa.float64()),  # that method's score
+        # that score against the protected model's homolog references (`--references`): 0 at the closest
+        # reference, 1 at the protected model itself, comparable across protected models; null without them
+        ("stage2_calibrated_score", pa.float64()),
         ("stage2_reason", pa.string()),  # why error, or why a candidate was not verified
         ("stage2_methods", pa.list_(STAGE2_ENTRY)),  # every method's answer (`--verify-method all`)
     ]
@@ -69,7 +73,7 @@ class Stage2:
 
     `verdict` is that of `method`, the first method that could compare the pair (else the first
     method's `error`); None when the pair was not verified, with `reason` saying why. `methods` holds
-    every method's {method, verdict, score, reason}.
+    every method's {method, verdict, score, calibrated_score, reason}.
     """
 
     verdict: str | None
@@ -77,6 +81,7 @@ class Stage2:
     score: float | None = None
     reason: str | None = None
     methods: tuple[dict[str, Any], ...] = ()
+    calibrated_score: float | None = None  # `score` against the references, when the pair had them
 
 
 PairKey = tuple[str, str, str, str]  # (query_source, query_model_id, match_source, match_model_id)
@@ -320,6 +325,7 @@ def with_stage2(table: pa.Table, stage2: Mapping[PairKey, Stage2]) -> pa.Table:
         "stage2_method": [a.method if a else None for a in answers],
         "stage2_verdict": [a.verdict if a else None for a in answers],
         "stage2_score": [a.score if a else None for a in answers],
+        "stage2_calibrated_score": [a.calibrated_score if a else None for a in answers],
         "stage2_reason": [a.reason if a else None for a in answers],
         "stage2_methods": [list(a.methods) if a and a.methods else None for a in answers],
     }
