@@ -7,6 +7,7 @@ never leaves a zoo that claims to be complete.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -52,3 +53,14 @@ def write_manifest(out_dir: Path, manifest: dict, indent: int = 1) -> None:
     tmp = out_dir / f"{MANIFEST_NAME}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=indent) + "\n")
     os.replace(tmp, out_dir / MANIFEST_NAME)
+
+
+def parse_zoo_args(prog: str, description: str, default_dir: Path, sizes: Iterable[str],
+                   argv: list[str] | None = None) -> argparse.Namespace:
+    """A zoo builder's command line: `[OUT_DIR] [--size S] [--seed N] [--force]`."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("out_dir", type=Path, nargs="?", default=default_dir)
+    p.add_argument("--size", choices=sorted(sizes), default="full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if the cached zoo is complete")
+    return p.parse_args(argv)

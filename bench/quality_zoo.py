@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench.cache import is_complete, read_manifest, start_fresh, write_manifest
+from bench.cache import is_complete, parse_zoo_args, read_manifest, start_fresh, write_manifest
 from bench.zoo import DigitsSplit, _one_thread, load_digits_split
 from pipeline.verify.archs import DigitsCNN, DigitsMLP, DigitsResNet, TinyGPT
 
@@ -655,12 +655,7 @@ def _build(out_dir: Path, cfg: dict, seed: int, log: Callable[[str], None]) -> l
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.quality_zoo", description="Build the quality benchmark zoo.")
-    p.add_argument("out_dir", type=Path, nargs="?", default=DEFAULT_DIR)
-    p.add_argument("--size", choices=sorted(SIZES), default="full")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    return p.parse_args(argv)
+    return parse_zoo_args("python -m bench.quality_zoo", "Build the quality benchmark zoo.", DEFAULT_DIR, SIZES, argv)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.cache import is_complete, read_manifest, start_fresh, write_manifest
+from bench.cache import is_complete, parse_zoo_args, read_manifest, start_fresh, write_manifest
 from bench.quality_zoo import (
     _digits_model,
     _fine_tunes,
@@ -290,12 +290,7 @@ def load_zoo_model(root: Path, row: dict) -> nn.Module:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.verify_zoo", description=__doc__.splitlines()[0])
-    p.add_argument("out_dir", type=Path, nargs="?", default=DEFAULT_DIR)
-    p.add_argument("--size", choices=sorted(SIZES), default="full")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    return p.parse_args(argv)
+    return parse_zoo_args("python -m bench.verify_zoo", __doc__.splitlines()[0], DEFAULT_DIR, SIZES, argv)
 
 
 def main(args: argparse.Namespace) -> int:
