@@ -45,6 +45,7 @@ from sklearn.metrics import roc_auc_score
 from bench.results import write_section
 from bench.verify_zoo import DEFAULT_DIR, HOMOLOG_KINDS, PIRATED_KINDS, UNRELATED_KINDS, build_verify_zoo, comparisons
 from pipeline.verify.behavior import (
+    CONFERRABLE_THRESHOLDS,
     MARGINS,
     PAIR_METHODS,
     THRESHOLDS,
@@ -63,7 +64,9 @@ METHODS = (*PAIR_METHODS, "cluster", "cluster-all")
 REFERENCE_SETS = {"+refs": None, "+2refs": 2, "+1ref": 1}
 REF_METHODS = tuple(f"{m}{suffix}" for m in PAIR_METHODS for suffix in REFERENCE_SETS)
 # probe name -> (seed inputs: "real" or "generated", points: "core" or "boundary")
-PROBES = {"core-real": ("real", "core"), "core-generated": ("generated", "core"), "boundary-real": ("real", "boundary")}
+PROBES = {"core-real": ("real", "core"), "core-generated": ("generated", "core"), "boundary-real": ("real", "boundary"),
+          "conferrable-real": ("real", "conferrable")}
+CONFERRABLE = "conferrable-real"
 TARGET_FIR = 0.01
 WORKING = 0.9  # a copy "still works" at >= 0.9x its original's test accuracy (bench/quality.py's rule)
 CALIBRATION_SEED = 0  # lineages of this seed choose the calibrated thresholds; the others are held out
@@ -150,6 +153,22 @@ def run(root: Path, manifest: dict, probes: Sequence[str] = tuple(PROBES),
             inputs, points = PROBES[probe_name]
             seeds = real if inputs == "real" else None
             start, cpu = time.perf_counter(), time.process_time()
+            if points == "conferrable":
+                # The owner's homolog references shape the probe (surrogates: distilled by make_probe);
+                # they are then no suspects of this probe.
+                shaping = _shaping_references(manifest, source_name)
+                probe = make_probe(source, seeds=seeds, references={n: model(n) for n in shaping})
+                times[f"probe:{probe_name}"][source_name] = (time.perf_counter() - start, time.process_time() - cpu)
+                for suspect_row, relation, kind in suspects:
+                    if suspect_row["name"] in shaping:
+                        continue
+                    for method in PAIR_METHODS:
+                        start, cpu = time.perf_counter(), time.process_time()
+                        v = verify_pair(probe, model(suspect_row["name"]), method)
+                        pairs.append(Pair(probe_name, method, source_name, suspect_row["name"], relation, kind,
+                                          calibration, v.score, v.verdict, time.perf_counter() - start,
+                                          time.process_time() - cpu, v.reason, works(suspect_row)))
+                continue
             if points == "core":
                 probe = make_probe(source, seeds=seeds)
                 if inputs == "real":
@@ -204,6 +223,12 @@ def run(root: Path, manifest: dict, probes: Sequence[str] = tuple(PROBES),
                                   works(suspect_row)))
         log(f"{source_name}: {len(suspects)} suspects, {len(probes)} probes")
     return pairs, dict(times)
+
+
+def _shaping_references(manifest: dict, source: str) -> list[str]:
+    """The homolog references that shape a source's conferrable probe: its architecture's extra seeds."""
+    arch = next(m["arch"] for m in manifest["models"] if m["name"] == source)
+    return [m["name"] for m in manifest["models"] if m["arch"] == arch and m["kind"] == "homolog-seed"]
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -385,6 +410,7 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
         lines.append(f"| held out, {key}, calibrated / shipped | " + " | ".join(
             f"{_pct(r.held_out[key])} / {_pct(r.held_out_shipped[key])}" for r in main) + " |")
     lines += _render_references(reports, times, manifest)
+    lines += _render_conferrable(reports, manifest)
     others = [p for p in PROBES if p != "core-real" and any((p, m) in reports for m in METHODS)]
     if others:
         lines += ["", "### The probes side by side: AUC pirated vs homolog (all) / MIR / FIR homolog / FIR unrelated "
@@ -451,6 +477,55 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
                      f"{refs:.2f} s ({'met' if pair + refs < 10 else 'not met'}).")
     lines += ["", NOTES]
     return "\n".join(lines) + "\n"
+
+
+def _render_conferrable(reports: dict[tuple[str, str], Report], manifest: dict) -> list[str]:
+    """The conferrable probe's figures: AUC per kind, rates at its thresholds, a held-out cut."""
+    rows = [(m, reports[CONFERRABLE, m]) for m in PAIR_METHODS if (CONFERRABLE, m) in reports]
+    if not rows:
+        return []
+    kinds = ["all", "working", *[k for k in PIRATED_KINDS if k in rows[0][1].auc]]
+    sources = [m["name"] for m in manifest["models"] if m["relation"] == "original"]
+    shaping = {len(_shaping_references(manifest, s)) for s in sources}
+    cuts = ", ".join(f"`{m}` pirated {'>=' if t.higher_is_closer else '<='} {t.pirated}"
+                     for m, t in CONFERRABLE_THRESHOLDS.items())
+    lines = [
+        "", f"### Conferrable probe (`{CONFERRABLE}`): core points the owner's references reject", "",
+        "The default probe when references are given (pipeline/verify/behavior.py `make_probe`). Each source's "
+        f"probe is shaped by {'/'.join(map(str, sorted(shaping)))} homolog references (its architecture's extra "
+        "seeds, `homolog-seed`) and two surrogates the library distils from the source on the seeds (soft "
+        "labels, top-1 labels: `pipeline.verify.surrogates`): points the source and the surrogates label alike "
+        "and the references do not (`conferrable_points`). The shaping references are no suspects here; every "
+        f"other pair is as above. Thresholds: CONFERRABLE_THRESHOLDS ({cuts}); `ddv`, whose input pairs the "
+        "references do not shape, keeps per-source thresholds calibrated on them.", "",
+        "ROC AUC, pirated vs homolog:", "",
+        "| | " + " | ".join(kinds) + " | vs homolog + unrelated | each source apart (mean) |",
+        "|---|" + "---|" * (len(kinds) + 2),
+    ]
+    for m, r in rows:
+        lines.append(f"| `{m}` | " + " | ".join(_f(r.auc.get(k)) for k in kinds)
+                     + f" | {_f(r.auc_vs_all)} | {_f(r.auc_per_source)} |")
+    miss_kinds = ["all", "working", *[k for k in PIRATED_KINDS if k in rows[0][1].missed]]
+    fir_kinds = list(rows[0][1].false_homolog)
+    lines += ["", "Missed identification rate at the thresholds:", "",
+              "| | " + " | ".join(miss_kinds) + " |", "|---|" + "---|" * len(miss_kinds)]
+    for m, r in rows:
+        lines.append(f"| `{m}` | " + " | ".join(_pct(r.missed[k]) for k in miss_kinds) + " |")
+    lines += ["", "False identification rate at the thresholds:", "",
+              "| | " + " | ".join(f"homolog: {k}" for k in fir_kinds) + " | unrelated | errors |",
+              "|---|" + "---|" * (len(fir_kinds) + 2)]
+    for m, r in rows:
+        lines.append(f"| `{m}` | " + " | ".join(_pct(r.false_homolog[k]) for k in fir_kinds)
+                     + f" | {_pct(r.false_unrelated['all'])} | {r.errors} |")
+    lines += ["", f"A cut chosen on the seed-{CALIBRATION_SEED} sources (FIR <= {100 * TARGET_FIR:g}% there), then "
+              "the held-out sources, beside the shipped thresholds:", "",
+              "| | cut | held-out MIR, cut / shipped | held-out FIR homolog, cut / shipped | held-out FIR unrelated, "
+              "cut / shipped |", "|---|---|---|---|---|"]
+    for m, r in rows:
+        lines.append(f"| `{m}` | {_f(r.calibrated, 4)} | " + " | ".join(
+            f"{_pct(r.held_out[k])} / {_pct(r.held_out_shipped[k])}" for k in ("MIR", "FIR homolog", "FIR unrelated"))
+            + " |")
+    return lines
 
 
 def _reference_pool(manifest: dict, source: str) -> list[str]:

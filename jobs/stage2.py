@@ -79,14 +79,17 @@ def verify_pairs(
     progress: bool = True,
     references: Mapping[str, Sequence[str]] | None = None,
     calibrations: list[dict[str, Any]] | None = None,
+    probe: str | None = None,
 ) -> list[tuple[Candidate, Stage2]]:
     """Stage 2: the nearest `max_pairs` candidates verified by behaviour, one group per protected model.
 
     Never raises for a model: one that has no URI, cannot load or cannot run, and a task that fails or
     times out, give an `error` answer with the reason. Candidates beyond `max_pairs` get an answer with
     no verdict and the reason. `references`: homolog references per protected model, by its URI or
-    model_id (per-source thresholds); `calibrations`, when given, gets one entry per protected model that
-    has references: the references scored and those skipped, with the reason.
+    model_id (they shape a conferrable probe and calibrate ddv: `make_probe`); `calibrations`, when
+    given, gets one entry per protected model that has references: the references scored, those skipped
+    with the reason, and what shaped its probe. `probe`: "conferrable" (the default with references) or
+    "core" (DeepCore's core points; the references then set per-source thresholds for every method).
 
     Returns:
         (candidate, answer) for every candidate, in the order given.
@@ -131,7 +134,8 @@ def verify_pairs(
     total = sum(len(g) for _, g in work)
     with tqdm(total=total, desc="verifying", unit="pair", disable=not progress, file=sys.stderr) as bar:
         run = _verify_on_ray if use_ray else _verify_locally
-        results = run(_Groups(work, uri_of, methods, refs_of), device, timeout_s, bar)
+        conferrable = None if probe is None else probe == "conferrable"
+        results = run(_Groups(work, uri_of, methods, refs_of, conferrable), device, timeout_s, bar)
         for (source, group), (got_all, calibration) in zip(work, results, strict=True):
             for c, got in zip(group, got_all, strict=True):
                 answers[(c.owner, c.row)] = got
@@ -152,18 +156,30 @@ Calibrated = dict[str, Any]  # a group's references as its verdicts' evidence sh
 
 
 def _answers(verdicts: list[list[Verdict]]) -> tuple[list[Stage2], Calibrated]:
-    """A group's answers, and its references: scored ({name: {method: score}}) and skipped ({name: why})."""
+    """A group's answers, and its references: scored ({name: {method: score}}), skipped ({name: why}),
+    the thresholds that judged ("per source", "conferrable", both, or "global"), and the models that
+    shaped a conferrable probe ({"references", "surrogates"}, or None)."""
     scored: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
-    thresholds = "global"
+    kinds: set[str] = set()
+    shaped: dict[str, list[str]] | None = None
     for v in (v for per_suspect in verdicts for v in per_suspect):
         cal = v.evidence.get("calibration")
-        if isinstance(cal, dict):
-            for name, score in cal.get("references", {}).items():
-                scored.setdefault(name, {})[v.method] = score
-            skipped.update(cal.get("failed", {}))
-            thresholds = "per source" if cal["thresholds"] == "per source" else thresholds
-    return [_answer(v) for v in verdicts], {"references": scored, "skipped": skipped, "thresholds": thresholds}
+        if not isinstance(cal, dict):
+            continue
+        if "surrogates" in cal:  # a conferrable probe: the references shaped its core points
+            shaped = {"references": list(cal["references"]), "surrogates": list(cal["surrogates"])}
+            skipped.update(cal.get("skipped", {}))
+            kinds.add("conferrable")
+            continue
+        for name, score in cal.get("references", {}).items():
+            scored.setdefault(name, {})[v.method] = score
+        skipped.update(cal.get("failed", {}))
+        if cal["thresholds"] == "per source":
+            kinds.add("per source")
+    thresholds = " + ".join(sorted(kinds)) or "global"
+    return [_answer(v) for v in verdicts], {"references": scored, "skipped": skipped, "thresholds": thresholds,
+                                            "shaped_by": shaped}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +191,7 @@ class _Groups:
     uri_of: dict[int, str | None]
     methods: tuple[str, ...]
     refs_of: dict[str, tuple[str, ...]]
+    conferrable: bool | None = None  # the probe: conferrable, DeepCore's core points, or None (by references)
 
 
 def _verify_locally(
@@ -189,7 +206,8 @@ def _verify_locally(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     for source, group in groups.work:
         verdicts = verify_candidates(source, [str(groups.uri_of[c.row]) for c in group], groups.methods,
-                                     device=device, references=groups.refs_of.get(source, ()))
+                                     device=device, references=groups.refs_of.get(source, ()),
+                                     conferrable=groups.conferrable)
         bar.update(len(group))
         yield _answers(verdicts)
 
@@ -229,7 +247,7 @@ def _verify_on_ray(
         while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
             i, (source, group) = nxt
             obj = task.remote(source, [uri_of[c.row] for c in group], methods, device="cuda" if gpus else "cpu",
-                              references=refs_of.get(source, ()))
+                              references=refs_of.get(source, ()), conferrable=groups.conferrable)
             in_flight[obj] = (i, time.monotonic())
         if not in_flight:
             break

@@ -88,6 +88,7 @@ def sweep(
     verify_max_distance: int | None = None,
     verify_timeout: float | None = None,
     verify_references: Mapping[str, Sequence[str]] | None = None,
+    verify_probe: str | None = None,
 ) -> SweepSummary:
     """Search every protected code against `index`, verify the candidates by behaviour; write the pairs
     to `out` (Parquet) and a summary.
@@ -110,7 +111,9 @@ def sweep(
             spec's `related` threshold).
         verify_timeout: on Ray, seconds per protected model's task; its unfinished pairs become errors.
         verify_references: homolog references per protected model (its URI or model_id -> reference URIs):
-            per-source thresholds for its candidates (`load_references` reads them from a JSON file).
+            they shape its conferrable probe (`load_references` reads them from a JSON file).
+        verify_probe: "conferrable" (the default with references) or "core" (DeepCore's core points, the
+            references setting per-source thresholds).
 
     Raises:
         ModelIndexError: the index is missing, corrupt, or holds no code of the spec.
@@ -166,7 +169,7 @@ def sweep(
         stage2 = verify_pairs(
             candidates, queries, searched, methods, max_pairs=verify_max_pairs, use_ray=ray_address is not None,
             device=device, timeout_s=verify_timeout, progress=progress, references=verify_references,
-            calibrations=calibrations,
+            calibrations=calibrations, probe=verify_probe,
         )
         apply_stage2(out, stage2, summary)
         summary.stage2_references = calibrations
@@ -433,7 +436,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--references", default=None, metavar="FILE",
         help="stage 2: homolog references per protected model, a JSON object {URI or model_id: [reference URI, "
-        "...]}: per-source thresholds",
+        "...]}: they shape a conferrable probe (see --verify-probe)",
+    )
+    parser.add_argument(
+        "--verify-probe", default=None, choices=["conferrable", "core"],
+        help="stage 2's probe: conferrable (the default with --references: core points the references reject) "
+        "or core (DeepCore's; the references set per-source thresholds)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -458,6 +466,7 @@ def run(args: argparse.Namespace) -> SweepSummary:
         verify_max_distance=args.verify_max_distance,
         verify_timeout=args.verify_timeout,
         verify_references=load_references(args.references) if args.references else None,
+        verify_probe=args.verify_probe,
     )
 
 

@@ -6,9 +6,12 @@ suspect is judged by each method, with the evidence printed. A suspect that cann
 `error` verdict with the reason; a source that cannot run is an error of the command (exit code 2).
 
 `--reference PATH` (repeatable) names a homolog reference: a model the owner trained apart from the
-source (same architecture and data, another seed). The references are scored like suspects and set
-per-source thresholds (DeepCore's calibration, `pipeline.verify.behavior.Calibration`), printed with their
-scores; `cluster` takes them as homolog references too. One that cannot load or run is reported, skipped.
+source (same architecture and data, another seed). With references the probe is conferrable (`--probe`,
+`pipeline.verify.behavior.make_probe`): its core points are those the source and its surrogates label
+alike and the references do not; the surrogates are distilled from the source on the seeds, or named
+with `--surrogate PATH` (copies the owner made). `--probe core` keeps DeepCore's own core points, and the
+references then set per-source thresholds (`Calibration`), printed with their scores. `cluster` takes the
+references as homolog anchors too. One that cannot load or run is reported and skipped.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def verify(
     homologs: tuple[str, ...] = (),
     pirated: tuple[str, ...] = (),
     references: tuple[str, ...] = (),
+    surrogates: tuple[str, ...] = (),
+    probe_kind: str | None = None,
     arch: str | None = None,
     suspect_arch: str | None = None,
     n: int | None = None,
@@ -84,7 +89,9 @@ def verify(
 ) -> VerifyReport:
     """Build the source's probe once and judge every suspect by every method.
 
-    `references`: homolog references' URIs (loaded with the source's `arch`): per-source thresholds.
+    `references`: homolog references' URIs (loaded with the source's `arch`). `probe_kind`: "conferrable"
+    (the default with references: they and the `surrogates`, URIs, shape the core points) or "core"
+    (DeepCore's core points; the references set per-source thresholds).
 
     Raises:
         ModelhashError: the source cannot be loaded or run (the suspects' and references' failures are
@@ -92,8 +99,10 @@ def verify(
     """
     model = load_runnable(source, arch=arch, device=device)
     refs = {uri: _load(uri, arch, device) for uri in references}
+    given = [_reference(uri, arch, device) for uri in surrogates]
     probe = make_probe(model, seeds=seeds, n=n, steps=steps, seed=seed, contrast=contrast,
-                       references=refs or None)
+                       references=refs or None, surrogates=given or None,
+                       conferrable=None if probe_kind is None else probe_kind == "conferrable")
     loaded = [_load(uri, suspect_arch, device) for uri in suspects]
     verdicts: list[Verdict] = []
     by_suspect: dict[int, list[Verdict]] = {i: [] for i in range(len(suspects))}
@@ -115,7 +124,7 @@ def verify(
 
 
 def _reference(uri: str, arch: str | None, device: str) -> RunnableModel:
-    """A known homolog or copy for `cluster`: one that cannot load is an error of the command."""
+    """A known homolog or copy (`cluster`), or a surrogate: one that cannot load is an error of the command."""
     try:
         return load_runnable(uri, arch=arch, device=device)
     except ModelhashError as exc:
@@ -158,11 +167,13 @@ def _describe(probe: Probe, uri: str) -> dict[str, Any]:
         "arch": model.arch,
         "outputs": model.n_outputs,
         "inputs": inputs,
-        "core_points": len(probe.core.labels),
-        "source_confidence": round(float(probe.core.confidence.mean()), 4),
+        "core_points": len(probe.core.labels) if probe.core is not None else 0,
+        "source_confidence": round(float(probe.core.confidence.mean()), 4) if probe.core is not None else None,
         "ddv_pairs": len(probe.source_ddv),
         "probe_seconds": round(probe.seconds, 3),
         "notes": list(model.notes),
+        "probe": probe.core.variant if probe.core is not None else "ddv only",
+        "shaped_by": probe.shaped_by,
         "calibration": _calibration(probe),
     }
 
@@ -178,7 +189,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default=None, help="seed inputs, a .npy array (e.g. test images or token ids)")
     parser.add_argument(
         "--reference", action="append", default=[], metavar="PATH",
-        help="a homolog reference, trained apart from the source on its data (repeatable): per-source thresholds",
+        help="a homolog reference, trained apart from the source on its data (repeatable): it shapes a conferrable "
+        "probe (or, with --probe core, sets per-source thresholds)",
+    )
+    parser.add_argument(
+        "--surrogate", action="append", default=[], metavar="PATH",
+        help="a copy of the source the owner made (distilled, extracted; repeatable) to shape a conferrable probe; "
+        "default: two are distilled from the source on the seeds",
+    )
+    parser.add_argument(
+        "--probe", default=None, choices=["conferrable", "core"],
+        help="conferrable (the default with --reference) or core (DeepCore's core points)",
     )
     parser.add_argument("--homolog", action="append", default=[], help="cluster: a known homolog (repeatable)")
     parser.add_argument("--pirated", action="append", default=[], help="cluster: a known copy (repeatable)")
@@ -210,6 +231,8 @@ def run(args: argparse.Namespace) -> VerifyReport:
         homologs=tuple(args.homolog),
         pirated=tuple(args.pirated),
         references=tuple(args.reference),
+        surrogates=tuple(args.surrogate),
+        probe_kind=args.probe,
         arch=args.arch,
         suspect_arch=args.suspect_arch,
         n=args.points,
@@ -237,6 +260,8 @@ def _evidence_text(evidence: dict[str, Any]) -> str:
             value = value["thresholds"] + (
                 f" (margin {value['margin']} past the closest of {len(value['references'])} references)"
                 if value["thresholds"] == "per source" else "")
+            if "surrogates" in evidence["calibration"]:
+                value += f" (shaped by {len(evidence[key]['references'])} references)"
         elif isinstance(value, dict):
             value = "; ".join(f"{k}: {', '.join(map(str, v)) or '-'}" for k, v in value.items())
         elif isinstance(value, list):
@@ -248,11 +273,17 @@ def _evidence_text(evidence: dict[str, Any]) -> str:
 def format_report(report: VerifyReport) -> str:
     """A human-readable report: the probe, then each suspect's verdicts with their evidence."""
     s = report.source
+    confidence = "" if s["source_confidence"] is None else f", mean confidence {s['source_confidence']:.3f}"
     lines = [
-        f"source {s['name']} ({s['arch']}, {s['outputs']} outputs, {s['inputs']}): {s['core_points']} core points, "
-        f"mean confidence {s['source_confidence']:.3f}, {s['ddv_pairs']} ddv pairs, {s['probe_seconds']:.2f} s"
+        f"source {s['name']} ({s['arch']}, {s['outputs']} outputs, {s['inputs']}): {s['core_points']} "
+        f"{s['probe']} points{confidence}, {s['ddv_pairs']} ddv pairs, {s['probe_seconds']:.2f} s"
     ]
     lines += [f"  note: {note}" for note in s["notes"]]
+    shaped = s.get("shaped_by")
+    if shaped:
+        lines.append(f"  conferrable probe: shaped by {len(shaped['references'])} references and "
+                     f"{len(shaped['surrogates'])} surrogates ({', '.join(shaped['surrogates']) or 'none'})")
+        lines += [f"  skipped: {name}: {why}" for name, why in shaped["skipped"].items()]
     cal = s.get("calibration")
     if cal:
         for name, scores in cal["references"].items():
@@ -261,7 +292,7 @@ def format_report(report: VerifyReport) -> str:
         for method, t in cal["thresholds"].items():
             lines.append(f"  per-source thresholds, {method} (margin {cal['margins'][method]}): "
                          f"{_threshold_text(method, t)}")
-        if not cal["thresholds"]:
+        if not cal["thresholds"] and not shaped:
             lines.append("  no usable reference: the global thresholds judge")
     current = None
     for v in report.verdicts:

@@ -188,7 +188,7 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     assert references == {"orig": [str(zoo["reference"]), missing]}
     out = tmp_path / "refs.parquet"
     summary = sweep(str(zoo["protected"]), str(zoo["index"]), str(out), progress=False, verify_method="all",
-                    verify_references=references, **WIDE)
+                    verify_references=references, verify_probe="core", **WIDE)
     pairs = _by_match(out)
     assert _one(pairs["finetuned"], "stage2_verdict") == "pirated"
     assert _one(pairs["homolog"], "stage2_verdict") != "pirated"
@@ -202,6 +202,19 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     assert "no such file" in calibrated["skipped"][missing]
     md = (tmp_path / "refs.summary.md").read_text()
     assert "stage 2 references of" in md and "1 of 2 scored, per source thresholds; skipped" in md
+    # By default the references shape a conferrable probe (with two surrogates distilled from the source).
+    conferrable = tmp_path / "conferrable.parquet"
+    summary = sweep(str(zoo["protected"]), str(zoo["index"]), str(conferrable), progress=False, verify_method="all",
+                    verify_references=references, **WIDE)
+    pairs = _by_match(conferrable)
+    assert _one(pairs["finetuned"], "stage2_verdict") == "pirated"
+    assert _one(pairs["homolog"], "stage2_verdict") != "pirated"
+    assert _one(pairs["finetuned"], "stage2_score") > _one(pairs["homolog"], "stage2_score")
+    (calibrated,) = summary.stage2_references
+    assert calibrated["shaped_by"]["references"] == [str(zoo["reference"])]
+    assert len(calibrated["shaped_by"]["surrogates"]) == 2 and "no such file" in calibrated["skipped"][missing]
+    assert calibrated["thresholds"] == "conferrable + per source"  # ddv is still calibrated on the reference
+    assert "shaped a conferrable probe with 2 surrogates" in (tmp_path / "conferrable.summary.md").read_text()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"orig": "not a list"}))
     with pytest.raises(SourceError, match="list of URIs"):

@@ -27,6 +27,7 @@ from pipeline.cli import main as cli_main
 from pipeline.errors import VerifyError
 from pipeline.verify.archs import TinyGPT
 from pipeline.verify.behavior import (
+    CONFERRABLE_THRESHOLDS,
     MARGINS,
     THRESHOLDS,
     Calibration,
@@ -38,6 +39,7 @@ from pipeline.verify.behavior import (
     verify_uris,
 )
 from pipeline.verify.runnable import load_runnable
+from pipeline.verify.surrogates import distil_surrogates
 
 POINTS = 100  # a smaller probe than the default keeps the file fast; the verdicts hold at this size
 
@@ -242,8 +244,9 @@ def test_references_put_a_held_out_homolog_below_the_cut_and_copies_above(zoo, p
         assert tuned.evidence["calibration"]["thresholds"] == "per source"
         assert tuned.evidence["calibration"]["references"] == {"homolog2": cal.references(method)["homolog2"]}
     # A probe made with references carries them; without, the global thresholds judge and say so.
-    own = make_probe(load_runnable(zoo["source"]), n=POINTS, references=[_suspect(zoo, "homolog2")])
-    assert own.calibration.references("agreement") == cal.references("agreement")
+    own = make_probe(load_runnable(zoo["source"]), n=POINTS, references=[_suspect(zoo, "homolog2")],
+                     conferrable=False)
+    assert own.calibration.references("agreement") == cal.references("agreement") and own.shaped_by is None
     plain = verify_pair(probe, _suspect(zoo, "finetuned"), "agreement")
     assert plain.calibrated_score is None and plain.evidence["calibration"] == "global"
 
@@ -264,9 +267,90 @@ def test_a_reference_that_cannot_load_or_compare_is_reported_and_skipped(zoo, pr
     assert v.verdict == "pirated" and v.thresholds == THRESHOLDS["agreement"].as_dict()
     assert v.evidence["calibration"]["thresholds"].startswith("global (no usable reference")
     # verify_uris loads references by URI; a broken one never stops the pair.
-    v = verify_uris(zoo["source"], zoo["finetuned"], "distance", n=40, references=[zoo["homolog2"], missing])
+    v = verify_uris(zoo["source"], zoo["finetuned"], "distance", n=40, references=[zoo["homolog2"], missing],
+                    conferrable=False)
     assert v.verdict == "pirated" and v.evidence["calibration"]["thresholds"] == "per source"
     assert list(v.evidence["calibration"]["failed"]) == [missing]
+
+
+# ------------------------------------------------------------------------------------ conferrable
+
+
+@pytest.fixture(scope="module")
+def conferrable(zoo):
+    """A conferrable probe of the source: one homolog reference, two surrogates distilled from it."""
+    seeds = np.load(zoo["seeds"])
+    return make_probe(load_runnable(zoo["source"]), seeds=seeds, n=POINTS, references=[_suspect(zoo, "homolog2")])
+
+
+def test_surrogates_are_fresh_students_that_answer_like_the_source(zoo):
+    source = load_runnable(zoo["source"])
+    data = load_digits_split()
+    students = distil_surrogates(source, seeds=data.x_test.numpy())
+    assert [m.name.split("(")[-1] for m in students] == ["soft)", "labels)"]
+    want = source.logits(data.x_test).argmax(1)
+    for student in students:
+        assert (student.logits(data.x_test).argmax(1) == want).float().mean() > 0.85
+        weights = dict(student.module.named_parameters())
+        for name, p in source.module.named_parameters():  # new weights, none of the source's
+            assert not torch.allclose(p, weights[name], atol=1e-3), name
+
+
+def test_conferrable_probe_keeps_copies_and_rejects_homologs(zoo, conferrable):
+    assert conferrable.core.variant == "conferrable" and len(conferrable.core.labels) == POINTS
+    assert conferrable.shaped_by["references"] == ["homolog2"] and len(conferrable.shaped_by["surrogates"]) == 2
+    # The search pushed the reference away: it rarely gives the source's label on these points.
+    reference = verify_pair(conferrable, _suspect(zoo, "homolog2"), "agreement")
+    tuned = verify_pair(conferrable, _suspect(zoo, "finetuned"), "agreement")
+    distilled = verify_pair(conferrable, _suspect(zoo, "distilled"), "agreement")
+    homolog = verify_pair(conferrable, _suspect(zoo, "homolog"), "agreement")  # unseen by the probe
+    unrelated = verify_pair(conferrable, _suspect(zoo, "unrelated"), "agreement")
+    assert reference.score < 0.2 and unrelated.verdict == "unrelated"
+    assert tuned.verdict == "pirated" and homolog.verdict == "homolog"
+    assert tuned.score >= CONFERRABLE_THRESHOLDS["agreement"].pirated > homolog.score
+    # A student distilled on the clean training inputs alone (no noisy queries) ranks between them.
+    assert tuned.score > distilled.score > homolog.score
+    calibration = tuned.evidence["calibration"]
+    assert calibration["thresholds"].startswith("conferrable") and calibration["references"] == ["homolog2"]
+    # ddv's input pairs are not shaped by the references: they calibrate it as before.
+    cal = conferrable.calibration
+    assert cal.references("agreement") == {} and "homolog2" in cal.references("ddv")
+    ddv = verify_pair(conferrable, _suspect(zoo, "finetuned"), "ddv")
+    assert ddv.evidence["calibration"]["thresholds"] == "per source"
+
+
+def test_conferrable_probe_needs_a_reference_that_fits(zoo):
+    source = load_runnable(zoo["source"])
+    with pytest.raises(VerifyError, match="input kinds differ"):
+        make_probe(source, n=20, references={"gpt": _suspect(zoo, "gpt")}, conferrable=True)
+    # By default an unusable reference leaves DeepCore's core points, and the calibration says why.
+    probe = make_probe(source, n=20, references={"gpt": _suspect(zoo, "gpt"), "newhead": _suspect(zoo, "newhead")})
+    assert probe.shaped_by is None and probe.core.variant == "core"
+    assert "input kinds differ" in probe.calibration.failed["gpt"]
+    # A surrogate that does not fit is skipped with the reason; the references still shape the probe.
+    probe = make_probe(source, n=20, steps=5, references=[_suspect(zoo, "homolog2")],
+                       surrogates=[_suspect(zoo, "newhead")])
+    assert probe.shaped_by["surrogates"] == [] and "label spaces differ" in probe.shaped_by["skipped"]["newhead"]
+
+
+def test_conferrable_token_probe_and_surrogates(zoo):
+    source = load_runnable(zoo["gpt"])
+    (student,) = distil_surrogates(source, kinds=("soft",), steps=3)
+    assert student.domain == source.domain and student.n_outputs == 256
+    probe = make_probe(source, n=10, steps=2, pairs=10, references=[load_runnable(zoo["gpt-homolog"])],
+                       surrogates=[student])
+    assert probe.core.variant == "conferrable" and probe.core.inputs.dtype == torch.int64
+    assert verify_pair(probe, load_runnable(zoo["gpt-renamed"]), "agreement").score == 1.0
+
+
+def test_cli_conferrable_by_default_with_references(zoo, capsys):
+    rc = cli_main(["verify", zoo["source"], zoo["finetuned"], zoo["homolog"], "--reference", zoo["homolog2"],
+                   "--seeds", zoo["seeds"], "--points", "60", "--method", "all"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "60 conferrable points" in out and "conferrable probe: shaped by 1 references and 2 surrogates" in out
+    assert "conferrable (global: the references shaped the probe) (shaped by 1 references)" in out
+    assert "per-source thresholds, ddv" in out
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -380,7 +464,7 @@ def test_cli_prints_the_evidence(zoo, capsys):
 def test_cli_prints_the_references_and_the_per_source_thresholds(zoo, capsys):
     missing = os.path.join(zoo["root"], "missing")
     rc = cli_main(["verify", zoo["source"], zoo["finetuned"], zoo["homolog"], "--reference", zoo["homolog2"],
-                   "--reference", missing, "--points", "40", "--method", "all"])
+                   "--reference", missing, "--points", "40", "--method", "all", "--probe", "core"])
     out = capsys.readouterr().out
     assert rc == 0
     assert f"reference {zoo['homolog2']}: agreement 0." in out and "distance 0." in out
@@ -388,7 +472,7 @@ def test_cli_prints_the_references_and_the_per_source_thresholds(zoo, capsys):
     assert "per-source thresholds, agreement (margin 0.5): pirated >= " in out
     assert "calibrated" in out and "per source (margin" in out
     assert cli_main(["verify", zoo["source"], zoo["finetuned"], "--reference", zoo["homolog2"], "--json",
-                     "--points", "30"]) == 0
+                     "--points", "30", "--probe", "core"]) == 0
     report = json.loads(capsys.readouterr().out)
     cal = report["source"]["calibration"]
     assert list(cal["references"]) == [zoo["homolog2"]] and set(cal["thresholds"]) == {"agreement", "distance", "ddv"}

@@ -252,8 +252,11 @@ class SweepSummary:
         for e in self.stage2_errors:
             lines.append(f"- stage 2 error: {e['query_model_id']} ~ {e['match_model_id']}: {e['reason']}")
         for r in self.stage2_references:
-            lines.append(f"- stage 2 references of {r['protected']}: {len(r['references'])} of {r['given']} scored, "
-                         f"{r['thresholds']} thresholds"
+            shaped = r.get("shaped_by")
+            lines.append(f"- stage 2 references of {r['protected']}: "
+                         + (f"{len(shaped['references'])} of {r['given']} shaped a conferrable probe with "
+                            f"{len(shaped['surrogates'])} surrogates, " if shaped else "")
+                         + f"{len(r['references'])} of {r['given']} scored, {r['thresholds']} thresholds"
                          + "".join(f"; skipped {name}: {why}" for name, why in r["skipped"].items()))
         for f in self.failed:
             lines.append(f"- failed: {f['model']}: {f['error']}")

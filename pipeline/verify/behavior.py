@@ -49,17 +49,20 @@ from pipeline.verify.core_points import (
     CORE_CONFIDENCE,
     CORE_STEP,
     CorePoints,
+    conferrable_points,
     core_points,
     input_spread,
     require_labels,
     token_pool,
 )
 from pipeline.verify.runnable import RunnableModel, load_runnable
+from pipeline.verify.surrogates import distil_surrogates
 
 __all__ = [
     "MARGINS",
     "METHODS",
     "PAIR_METHODS",
+    "CONFERRABLE_THRESHOLDS",
     "THRESHOLDS",
     "VERDICTS",
     "Calibration",
@@ -74,6 +77,9 @@ __all__ = [
     "verify_pair",
     "verify_uris",
 ]
+
+# Models by name (a Mapping) or in a list; an exception or a string stands for one that failed to load.
+Models = Mapping[str, RunnableModel | BaseException | str] | Sequence[RunnableModel | BaseException | str]
 
 PIRATED, HOMOLOG, UNRELATED, ERROR = "pirated", "homolog", "unrelated", "error"
 VERDICTS = (PIRATED, HOMOLOG, UNRELATED, ERROR)
@@ -132,6 +138,13 @@ THRESHOLDS: dict[str, Thresholds] = {
     # The suspect's side between the source's group and the other (0.5: halfway); `unrelated` comes
     # from the divergence to the source, by the distance method's threshold (see verify_group).
     "cluster": Thresholds(pirated=0.5, unrelated=0.0),
+}
+# On a conferrable probe (references and surrogates shaped it: `make_probe`) the label methods have their
+# own scale: the references' scores on it are low by construction, so they cannot calibrate it, and these
+# global cuts judge instead. Chosen on bench/verify_zoo.py's zoo (see bench/RESULTS.md).
+CONFERRABLE_THRESHOLDS: dict[str, Thresholds] = {
+    "agreement": Thresholds(pirated=0.9, unrelated=0.1),
+    "distance": Thresholds(pirated=0.15, unrelated=0.8, higher_is_closer=False),
 }
 # The probe's ddv input pairs.
 DDV_PAIRS = 100
@@ -193,6 +206,9 @@ class Probe:
     boundary: CorePoints | None = None  # the contrast set, when asked for
     seconds: float = 0.0
     calibration: Calibration | None = None  # per-source thresholds from references (`calibrate`)
+    # A conferrable probe: the models that shaped it {"references": [...], "surrogates": [...],
+    # "skipped": {name: why}}; None for DeepCore's own core points.
+    shaped_by: dict[str, Any] | None = None
 
 
 def _closeness(method: str, score: float) -> float:
@@ -299,6 +315,8 @@ def make_probe(
     confidence: float = CORE_CONFIDENCE,
     step: float = CORE_STEP,
     references: Mapping[str, RunnableModel | BaseException | str] | Sequence[RunnableModel] | None = None,
+    surrogates: Sequence[RunnableModel] | None = None,
+    conferrable: bool | None = None,
 ) -> Probe:
     """Core points, the source's outputs on them, and ddv pairs: the source's side of every method.
 
@@ -314,11 +332,28 @@ def make_probe(
             is reported in the calibration, never raised).
     """
     start_time = time.perf_counter()
-    core = boundary = None
-    if source.outputs == "labels":
+    core = boundary = shaped_by = None
+    usable, skipped = _comparable(source, references)
+    if conferrable is None:
+        conferrable = bool(usable)
+    if conferrable:
+        if not usable:
+            raise VerifyError("a conferrable probe needs a homolog reference that takes the source's inputs and "
+                              f"labels{_skipped_note(skipped)}")
+        if surrogates is None:
+            try:
+                surrogates = distil_surrogates(source, seeds=seeds, seed=seed)
+            except VerifyError as exc:  # the references alone still shape the probe
+                surrogates, skipped["surrogates"] = [], _reason(exc)
+        kept, skipped_surrogates = _comparable(source, list(surrogates))
+        skipped.update(skipped_surrogates)
+        core = conferrable_points(source, list(usable.values()), list(kept.values()), seeds=seeds, n=n,
+                                  steps=steps, seed=seed, step=step)
+        shaped_by = {"references": list(usable), "surrogates": list(kept), "skipped": skipped}
+    elif source.outputs == "labels":
         core = core_points(source, seeds=seeds, n=n, steps=steps, seed=seed, confidence=confidence, step=step)
-        if contrast:
-            boundary = core_points(source, seeds=seeds, n=n, steps=steps, seed=seed, step=step, variant="boundary")
+    if source.outputs == "labels" and contrast:
+        boundary = core_points(source, seeds=seeds, n=n, steps=steps, seed=seed, step=step, variant="boundary")
     gen = torch.Generator().manual_seed(seed + 1)
     domain = source.domain
     if domain.kind == "continuous":
@@ -330,9 +365,47 @@ def make_probe(
     probe = Probe(
         source=source, core=core, source_probs=source.probs(core.inputs) if core is not None else None,
         pairs=profile, source_ddv=_ddv(source, profile), boundary=boundary,
-        seconds=time.perf_counter() - start_time,
+        seconds=time.perf_counter() - start_time, shaped_by=shaped_by,
     )
-    return probe if references is None else replace(probe, calibration=calibrate(probe, references))
+    if references is None:
+        return probe
+    # The references shaped a conferrable probe's core points: only ddv, whose pairs they did not, can
+    # calibrate on them.
+    methods = ("ddv",) if conferrable else tuple(_PAIR_METHODS)
+    return replace(probe, calibration=calibrate(probe, references, methods=methods))
+
+
+def _comparable(source: RunnableModel, models: Models | None) -> tuple[dict[str, RunnableModel], dict[str, str]]:
+    """The models that take the source's inputs and answer in its label space, by name; why the others
+    cannot shape its probe."""
+    usable: dict[str, RunnableModel] = {}
+    skipped: dict[str, str] = {}
+    for name, model in _named_models(models or ()):
+        if not isinstance(model, RunnableModel):
+            skipped[name] = _reason(model)
+            continue
+        try:
+            _check_pair(source, model, same_labels=True)
+        except VerifyError as exc:
+            skipped[name] = str(exc)
+            continue
+        usable[name] = model
+    return usable, skipped
+
+
+def _skipped_note(skipped: Mapping[str, str]) -> str:
+    return "" if not skipped else " (" + "; ".join(f"{n}: {why}" for n, why in skipped.items()) + ")"
+
+
+def _named_models(models: Models) -> list[tuple[str, RunnableModel | BaseException | str]]:
+    """(name, model) pairs: a Mapping's keys, else each model's name (numbered when repeated or failed)."""
+    if isinstance(models, Mapping):
+        return list(models.items())
+    named: list[tuple[str, RunnableModel | BaseException | str]] = []
+    for i, model in enumerate(models):
+        name = model.name if isinstance(model, RunnableModel) else f"reference {i + 1}"
+        named.append((name if all(name != n for n, _ in named) else f"{name} ({i + 1})", model))
+    return named
 
 
 def _ddv(model: RunnableModel, pairs: torch.Tensor) -> torch.Tensor:
@@ -461,13 +534,7 @@ def calibrate(
         NaN outputs) is in `failed` with the reason, per method when only some methods failed.
     """
     start = time.perf_counter()
-    if isinstance(references, Mapping):
-        named = list(references.items())
-    else:
-        named = []
-        for i, ref in enumerate(references):
-            name = ref.name if isinstance(ref, RunnableModel) else f"reference {i + 1}"
-            named.append((name if all(name != n for n, _ in named) else f"{name} ({i + 1})", ref))
+    named = _named_models(references)
     scores: dict[str, dict[str, float]] = {m: {} for m in methods}
     failed: dict[str, str] = {}
     for name, ref in named:
@@ -563,6 +630,8 @@ def verify_pair(
     used = "global"
     if thresholds is not None:
         used = "given"
+    elif probe.shaped_by is not None and method in CONFERRABLE_THRESHOLDS:
+        cut, used = CONFERRABLE_THRESHOLDS[method], "conferrable (global: the references shaped the probe)"
     elif evidence.get("label_spaces_differ"):
         cut = THRESHOLDS["ddv-heads"]
         if calibration is not None:
@@ -571,8 +640,13 @@ def verify_pair(
         cut, calibrated, used = own, calibration.calibrated_score(method, score), "per source"
     elif calibration is not None:
         used = "global (no usable reference: none scored, or one matches the source exactly)"
-    # Which thresholds judged, and with references, their scores: the calibration is part of the evidence.
-    evidence["calibration"] = used if calibration is None else {"thresholds": used, **calibration.evidence(method)}
+    # Which thresholds judged, and with references, their scores (or the models that shaped a conferrable
+    # probe): the calibration is part of the evidence.
+    if probe.shaped_by is not None and method in CONFERRABLE_THRESHOLDS:
+        evidence["calibration"] = {"thresholds": used, **probe.shaped_by}
+    else:
+        evidence["calibration"] = used if calibration is None else {"thresholds": used,
+                                                                    **calibration.evidence(method)}
     return Verdict(method, round(score, 6), cut.verdict(score), cut.as_dict(), evidence, source=source_name,
                    suspect=suspect_name, seconds=time.perf_counter() - start, calibrated_score=calibrated)
 

@@ -2,7 +2,7 @@
 
 The unit of work of the sweep's stage 2 (one Ray task per protected model): the protected model is
 loaded and its probe (core points, ddv pairs) built once, with its homolog references, if it has any,
-loaded and scored once beside it (per-source thresholds, `calibrate`); then every candidate is loaded,
+loaded once to shape and calibrate it (a conferrable probe, `make_probe`); then every candidate is loaded,
 judged by each method and dropped before the next one loads. Nothing here raises for a bad model: a
 protected model that cannot load or run gives every candidate an `error` verdict saying so, a candidate
 that cannot gives its own, a reference that cannot is reported in every verdict's evidence and skipped;
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from pipeline.errors import ModelhashError
-from pipeline.verify.behavior import ERROR, THRESHOLDS, Verdict, calibrate, make_probe, verify_pair
+from pipeline.verify.behavior import ERROR, THRESHOLDS, Verdict, make_probe, verify_pair
 from pipeline.verify.runnable import RunnableModel, load_runnable
 
 __all__ = ["verify_candidates"]
@@ -40,7 +39,7 @@ def verify_candidates(
         methods: pair methods (`PAIR_METHODS`), in the order their verdicts are returned.
         device: where the models run ("cpu", "cuda").
         references: URIs of the protected model's homolog references (models its owner trained apart
-            from it): per-source thresholds instead of the global ones. Loaded once, scored, dropped.
+            from it): they shape a conferrable probe and calibrate it (`make_probe`). Loaded once, dropped.
         probe_options: `make_probe` options (n, steps, seed, ...).
 
     Returns:
@@ -48,20 +47,15 @@ def verify_candidates(
     """
     start = time.perf_counter()
     try:
-        probe = make_probe(load_runnable(source, device=device), **probe_options)
+        model = load_runnable(source, device=device)
+        # The references shape a conferrable probe (and calibrate it): loaded for it, then dropped.
+        loaded = {uri: _load_or_error(uri, device) for uri in references}
+        probe = make_probe(model, references=loaded or None, **probe_options)
+        del loaded  # the references' scores are kept, not their weights
     except Exception as exc:  # noqa: BLE001 -- every candidate gets the reason instead
         reason = f"protected model {source}: {_one_line(exc)}"
         seconds = time.perf_counter() - start
         return [[_failed(m, reason, source, s, seconds) for m in methods] for s in suspects]
-    if references:
-        loaded: dict[str, RunnableModel | BaseException] = {}
-        for uri in references:
-            try:
-                loaded[uri] = load_runnable(uri, device=device)
-            except Exception as exc:  # noqa: BLE001 -- calibrate reports it and skips it
-                loaded[uri] = exc
-        probe = replace(probe, calibration=calibrate(probe, loaded, methods=methods))
-        del loaded  # the references' scores are kept, not their weights
     out = []
     for uri in suspects:
         began = time.perf_counter()
@@ -75,6 +69,13 @@ def verify_candidates(
         out.append([_named(v, source, uri, seconds) for v in verdicts])
         del suspect  # one candidate's weights held at a time
     return out
+
+
+def _load_or_error(uri: str, device: str) -> RunnableModel | BaseException:
+    try:
+        return load_runnable(uri, device=device)
+    except Exception as exc:  # noqa: BLE001 -- make_probe reports it and skips it
+        return exc
 
 
 def _failed(method: str, reason: str, source: str, suspect: str, seconds: float) -> Verdict:

@@ -1,0 +1,129 @@
+"""Surrogates: copies of a source model the owner makes itself, by distillation, to shape the probe.
+
+A conferrable probe (`core_points.conferrable_points`, Lukas et al., ICLR 2021) wants inputs on which the
+source's copies follow it and independently trained models do not. The copies it optimizes for are
+surrogates: fresh models of the source's own architecture trained on nothing but the source's outputs,
+as a copier who distils or extracts it would. The owner needs no data beyond the probe's seed inputs:
+the surrogates learn from the source's answers on those seeds and noisy copies of them.
+
+Two kinds, one per copier a weight hash cannot see:
+- `soft`: trained on the source's output distribution at temperature TEMPERATURE (distillation);
+- `labels`: trained on its top-1 labels alone (label-only extraction).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import VerifyError
+from pipeline.verify.core_points import input_spread, require_labels, token_pool
+from pipeline.verify.runnable import RunnableModel
+
+__all__ = ["SURROGATE_KINDS", "SURROGATE_STEPS", "distil_surrogates"]
+
+SURROGATE_KINDS = ("soft", "labels")
+# Adam steps of SURROGATE_BATCH inputs: on the digits zoo the students reach the source's test accuracy
+# within a point (MLP, CNN, ResNet), and a CNN surrogate costs about 10 s on one CPU thread.
+SURROGATE_STEPS = 400
+SURROGATE_BATCH = 64
+TEMPERATURE = 4.0
+# Inputs the surrogates learn from: the seeds and this many noisy copies of each (noise of NOISE x each
+# feature's spread); for token models, windows of the seed text (or text the source writes).
+NOISY_COPIES = 1
+NOISE = 0.3
+TOKEN_INPUTS = 2048
+
+
+def distil_surrogates(
+    source: RunnableModel,
+    *,
+    seeds: torch.Tensor | np.ndarray | None = None,
+    kinds: Sequence[str] = SURROGATE_KINDS,
+    steps: int = SURROGATE_STEPS,
+    seed: int = 0,
+) -> list[RunnableModel]:
+    """Fresh models of the source's architecture trained on its outputs, one per kind (see the module).
+
+    Each starts from the source's module with every parameter re-initialised (`reset_parameters`, seeded),
+    so the architecture needs no registry; it runs on the source's device.
+
+    Raises:
+        VerifyError: the source's outputs are not labels, it has no parameters to re-initialise, an
+            unknown kind, or training diverges (non-finite loss).
+    """
+    require_labels(source)
+    unknown = set(kinds) - set(SURROGATE_KINDS)
+    if unknown:
+        raise VerifyError(f"unknown surrogate kinds {sorted(unknown)} (expected {', '.join(SURROGATE_KINDS)})")
+    gen = torch.Generator().manual_seed(seed)
+    inputs = _inputs(source, seeds, gen).to(source.device)
+    teacher = source.logits(inputs)
+    out = []
+    for i, kind in enumerate(kinds):
+        start = time.perf_counter()
+        module = _fresh(source.module, seed * 1000 + 7 * i + 1)
+        _train(module, inputs, teacher, soft=kind == "soft", steps=steps, gen=gen, name=source.name)
+        out.append(RunnableModel(
+            module, source.domain, source.n_outputs, name=f"{source.name} surrogate ({kind})", arch=source.arch,
+            outputs=source.outputs, device=source.device, batch_size=source.batch_size,
+            notes=(f"distilled from the source on {len(inputs)} inputs in {time.perf_counter() - start:.1f} s",),
+        ))
+    return out
+
+
+def _inputs(source: RunnableModel, seeds: torch.Tensor | np.ndarray | None, gen: torch.Generator) -> torch.Tensor:
+    domain = source.domain
+    if domain.kind == "tokens":
+        return token_pool(source, seeds, TOKEN_INPUTS, gen)
+    mean, spread = input_spread(domain, seeds)
+    if seeds is None:
+        return mean + spread * torch.randn((TOKEN_INPUTS, *domain.shape), generator=gen)
+    x = torch.as_tensor(np.asarray(seeds)).float().reshape(-1, *domain.shape)
+    noisy = [x + NOISE * spread * torch.randn(x.shape, generator=gen) for _ in range(NOISY_COPIES)]
+    return torch.cat([x, *noisy])
+
+
+def _fresh(module: nn.Module, seed: int) -> nn.Module:
+    """A deep copy of `module` with every parameter re-initialised, trainable."""
+    fresh = copy.deepcopy(module)
+    reset = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in fresh.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+                reset += 1
+    if reset == 0:
+        raise VerifyError(f"{type(module).__name__} has no layers to re-initialise: cannot distil a surrogate")
+    for p in fresh.parameters():
+        p.requires_grad_(True)
+    return fresh
+
+
+def _train(module: nn.Module, inputs: torch.Tensor, teacher: torch.Tensor, *, soft: bool, steps: int,
+           gen: torch.Generator, name: str) -> None:
+    target = F.log_softmax(teacher / TEMPERATURE, dim=1) if soft else teacher.argmax(dim=1)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    module.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            batch = torch.randint(0, len(inputs), (SURROGATE_BATCH,), generator=gen).to(inputs.device)
+            out = module(inputs[batch])
+            if soft:
+                loss = F.kl_div(F.log_softmax(out / TEMPERATURE, dim=1), target[batch], log_target=True,
+                                reduction="batchmean") * TEMPERATURE**2
+            else:
+                loss = F.cross_entropy(out, target[batch])
+            if not torch.isfinite(loss):
+                raise VerifyError(f"{name}: surrogate training diverged (loss {float(loss)})")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    module.eval()
