@@ -19,9 +19,13 @@ group and the homolog reference). Reported per method, side by side:
   seeds, then the other originals of its architecture) less the suspect and the suspect's own original;
   all of them, the first two, or the first one. The calibrated scores pooled over sources (AUC per
   kind), the rates at the per-source thresholds, and what the references cost per source.
-Three probes, for contrast: core points grown from real inputs (the digits test split, `seeds.npy`),
-core points grown from generated inputs (Gaussian draws, no data), and near-boundary points from the
-real inputs (what IPGuard-style fingerprints use; DeepCore's argument is that homologs part there).
+Four probes, for contrast: core points grown from real inputs (the digits test split, `seeds.npy`),
+core points grown from generated inputs (Gaussian draws, no data), near-boundary points from the real
+inputs (what IPGuard-style fingerprints use; DeepCore's argument is that homologs part there), and the
+conferrable probe (`conferrable-real`, the default when references are given): points grown from the
+real inputs that the source and two surrogates distilled from it label alike and three homolog references
+(the architecture's extra seeds, then no suspects) do not. For that probe, `METHOD+stage1` also judges
+each pair with the default weight hash's verdict: a stage-1 copy is pirated whatever its behaviour.
 
     python -m bench.verify [--zoo DIR] [--size full|tiny] [--probes core-real,...] [--no-write]
                            [--json PATH] [--from-json PATH]
@@ -35,7 +39,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,8 @@ from sklearn.metrics import roc_auc_score
 
 from bench.results import write_section
 from bench.verify_zoo import DEFAULT_DIR, HOMOLOG_KINDS, PIRATED_KINDS, UNRELATED_KINDS, build_verify_zoo, comparisons
+from jobs.query import hash_uri
+from pipeline.cli import compare
 from pipeline.verify.behavior import (
     CONFERRABLE_THRESHOLDS,
     MARGINS,
@@ -93,6 +99,7 @@ class Pair:
     cpu: float  # this process's CPU time (the machine is shared: wall time includes others' load)
     reason: str | None = None
     working: bool = True  # a pirated copy whose test accuracy is at least WORKING x its original's
+    stage1: str | None = None  # the weight hash's verdict on the pair: "copy" when the whole model or a block is
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -223,6 +230,32 @@ def run(root: Path, manifest: dict, probes: Sequence[str] = tuple(PROBES),
                                   works(suspect_row)))
         log(f"{source_name}: {len(suspects)} suspects, {len(probes)} probes")
     return pairs, dict(times)
+
+
+def stage1_verdicts(root: Path, manifest: dict) -> dict[tuple[str, str], str]:
+    """The default spec's verdict on every comparison pair: "copy" when the whole-model code or any
+    per-block code is within `copy`, else the whole model's verdict (what the sweep's stage 1 says)."""
+    codes = {m["name"]: hash_uri(str(root / m["name"])) for m in manifest["models"]}
+    out = {}
+    for src, suspect, _, _ in comparisons(manifest):
+        report = compare(codes[src["name"]], codes[suspect["name"]])
+        copy = report["verdict"] == "copy" or any(b["verdict"] == "copy" for b in report["blocks"])
+        out[src["name"], suspect["name"]] = "copy" if copy else report["verdict"]
+    return out
+
+
+def with_stage1(pairs: list[Pair], probe: str) -> list[Pair]:
+    """`METHOD+stage1` pairs of `probe`: the verdict of both stages together, as the sweep reports them. A pair
+    stage 1 calls a copy is pirated whatever its behaviour (its score set to the method's closest), the others
+    keep their stage-2 score and verdict."""
+    out = []
+    for p in pairs:
+        if p.probe == probe and p.method in PAIR_METHODS:
+            copy = p.stage1 == "copy"
+            closest = 0.0 if p.method == "distance" else 1.0
+            out.append(replace(p, method=f"{p.method}+stage1", score=closest if copy else p.score,
+                               verdict="pirated" if copy else p.verdict))
+    return out
 
 
 def _shaping_references(manifest: dict, source: str) -> list[str]:
@@ -377,6 +410,10 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
         f"(pipeline/verify/behavior.py): {shipped}; `cluster` calls pirated whatever lands in the source's "
         "group.",
         "",
+    ]
+    if not main:  # no core-real probe run (`--probes`): the conferrable probe's figures only
+        return "\n".join(lines + _render_conferrable(reports, manifest)) + "\n"
+    lines += [
         "### Core points from real inputs (the digits test split): ROC AUC, pirated vs homolog",
         "",
         head,
@@ -481,7 +518,8 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
 
 def _render_conferrable(reports: dict[tuple[str, str], Report], manifest: dict) -> list[str]:
     """The conferrable probe's figures: AUC per kind, rates at its thresholds, a held-out cut."""
-    rows = [(m, reports[CONFERRABLE, m]) for m in PAIR_METHODS if (CONFERRABLE, m) in reports]
+    methods = (*PAIR_METHODS, *(f"{m}+stage1" for m in PAIR_METHODS))
+    rows = [(m, reports[CONFERRABLE, m]) for m in methods if (CONFERRABLE, m) in reports]
     if not rows:
         return []
     kinds = ["all", "working", *[k for k in PIRATED_KINDS if k in rows[0][1].auc]]
@@ -497,7 +535,9 @@ def _render_conferrable(reports: dict[tuple[str, str], Report], manifest: dict) 
         "labels, top-1 labels: `pipeline.verify.surrogates`): points the source and the surrogates label alike "
         "and the references do not (`conferrable_points`). The shaping references are no suspects here; every "
         f"other pair is as above. Thresholds: CONFERRABLE_THRESHOLDS ({cuts}); `ddv`, whose input pairs the "
-        "references do not shape, keeps per-source thresholds calibrated on them.", "",
+        "references do not shape, keeps per-source thresholds calibrated on them. `METHOD+stage1`: both stages "
+        "together, as a sweep reports a pair: one the default weight hash calls a copy (the whole model or a block "
+        "within its `copy` threshold) is pirated whatever its behaviour.", "",
         "ROC AUC, pirated vs homolog:", "",
         "| | " + " | ".join(kinds) + " | vs homolog + unrelated | each source apart (mean) |",
         "|---|" + "---|" * (len(kinds) + 2),
@@ -686,12 +726,17 @@ def main(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         pairs, times = run(args.zoo, manifest, probes, log=lambda s: print(s, flush=True))
         print(f"{len(pairs)} verdicts in {time.perf_counter() - start:.1f} s", flush=True)
-    reports = {(p, m): evaluate(pairs, p, m) for p in probes for m in (*METHODS, *REF_METHODS)
-               if any(x.probe == p and x.method == m for x in pairs)}
-    table = render(reports, pairs, times, manifest)
-    print(table)
-    if args.json:
+    if any(p.stage1 is None for p in pairs):
+        stage1 = stage1_verdicts(args.zoo, manifest)
+        pairs = [replace(p, stage1=stage1[p.source, p.suspect]) for p in pairs]
+    judged = pairs + with_stage1(pairs, CONFERRABLE)
+    every = (*METHODS, *REF_METHODS, *(f"{m}+stage1" for m in PAIR_METHODS))
+    reports = {(p, m): evaluate(judged, p, m) for p in probes for m in every
+               if any(x.probe == p and x.method == m for x in judged)}
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps({"pairs": [asdict(p) for p in pairs], "times": times}) + "\n")
+    table = render(reports, judged, times, manifest)
+    print(table)
     if not args.no_write:
         write_section("verify", table)
     return 0

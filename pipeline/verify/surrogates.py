@@ -34,9 +34,11 @@ SURROGATE_KINDS = ("soft", "labels")
 SURROGATE_STEPS = 400
 SURROGATE_BATCH = 64
 TEMPERATURE = 4.0
-# Inputs the surrogates learn from: the seeds and this many noisy copies of each (noise of NOISE x each
-# feature's spread); for token models, windows of the seed text (or text the source writes).
+# Inputs the surrogates learn from: the seeds, NOISY_COPIES noisy copies of each (noise of NOISE x each
+# feature's spread) and MIXUP_COPIES mixtures of random pairs of seeds; for token models, windows of the
+# seed text (or text the source writes).
 NOISY_COPIES = 1
+MIXUP_COPIES = 0
 NOISE = 0.3
 TOKEN_INPUTS = 2048
 
@@ -87,7 +89,11 @@ def _inputs(source: RunnableModel, seeds: torch.Tensor | np.ndarray | None, gen:
         return mean + spread * torch.randn((TOKEN_INPUTS, *domain.shape), generator=gen)
     x = torch.as_tensor(np.asarray(seeds)).float().reshape(-1, *domain.shape)
     noisy = [x + NOISE * spread * torch.randn(x.shape, generator=gen) for _ in range(NOISY_COPIES)]
-    return torch.cat([x, *noisy])
+    mixed = []
+    for _ in range(MIXUP_COPIES):
+        lam = torch.empty((len(x), *([1] * (x.dim() - 1)))).uniform_(0.2, 0.8, generator=gen)
+        mixed.append(lam * x + (1 - lam) * x[torch.randperm(len(x), generator=gen)])
+    return torch.cat([x, *noisy, *mixed])
 
 
 def _fresh(module: nn.Module, seed: int) -> nn.Module:
