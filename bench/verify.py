@@ -271,7 +271,7 @@ def _closeness(p: Pair) -> float:
     """The score oriented so that larger means closer to the source; an error is the farthest."""
     if p.score is None:
         return -np.inf
-    return -p.score if p.method == "distance" else p.score
+    return -p.score if p.method.startswith("distance") else p.score
 
 
 def _auc(pos: list[Pair], neg: list[Pair]) -> float | None:
@@ -361,7 +361,7 @@ def evaluate(pairs: list[Pair], probe: str, method: str) -> Report:
         }
 
     held_out = rates(lambda p: cut is not None and _closeness(p) >= cut)
-    score_cut = None if cut is None else (-cut if method == "distance" else cut)
+    score_cut = None if cut is None else (-cut if method.startswith("distance") else cut)
     return Report(probe, method, auc, float(np.mean(per_source)) if per_source else None,
                   _auc(pirated, homolog + unrelated), missed, false_h, false_u,
                   sum(p.verdict == "error" for p in ps), score_cut, held_out, rates(is_pirated))

