@@ -73,6 +73,7 @@ REF_METHODS = tuple(f"{m}{suffix}" for m in PAIR_METHODS for suffix in REFERENCE
 PROBES = {"core-real": ("real", "core"), "core-generated": ("generated", "core"), "boundary-real": ("real", "boundary"),
           "conferrable-real": ("real", "conferrable")}
 CONFERRABLE = "conferrable-real"
+DISTANCES = ("distance", "distance+stage1")  # raw distances: lower is closer (calibrated scores are closeness)
 TARGET_FIR = 0.01
 WORKING = 0.9  # a copy "still works" at >= 0.9x its original's test accuracy (bench/quality.py's rule)
 CALIBRATION_SEED = 0  # lineages of this seed choose the calibrated thresholds; the others are held out
@@ -271,7 +272,7 @@ def _closeness(p: Pair) -> float:
     """The score oriented so that larger means closer to the source; an error is the farthest."""
     if p.score is None:
         return -np.inf
-    return -p.score if p.method.startswith("distance") else p.score
+    return -p.score if p.method in DISTANCES else p.score
 
 
 def _auc(pos: list[Pair], neg: list[Pair]) -> float | None:
@@ -361,7 +362,7 @@ def evaluate(pairs: list[Pair], probe: str, method: str) -> Report:
         }
 
     held_out = rates(lambda p: cut is not None and _closeness(p) >= cut)
-    score_cut = None if cut is None else (-cut if method.startswith("distance") else cut)
+    score_cut = None if cut is None else (-cut if method in DISTANCES else cut)
     return Report(probe, method, auc, float(np.mean(per_source)) if per_source else None,
                   _auc(pirated, homolog + unrelated), missed, false_h, false_u,
                   sum(p.verdict == "error" for p in ps), score_cut, held_out, rates(is_pirated))
@@ -512,6 +513,21 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
                      f"{_pct((hits / n if n else None, hits, n))} at the shipped margin ({met}), MIR there "
                      f"{_pct(r.missed['all'])}; a pair from scratch p90 {pair:.2f} s + the references p90 "
                      f"{refs:.2f} s ({'met' if pair + refs < 10 else 'not met'}).")
+    probe_times = list(times.get(f"probe:{CONFERRABLE}", {}).values())
+    for m in ("agreement", "distance"):
+        r = reports.get((CONFERRABLE, m))
+        if r is None or not probe_times:
+            continue
+        fir = [r.false_homolog["all"], r.false_unrelated["all"]]
+        hits, n = sum(f[1] for f in fir), sum(f[2] for f in fir)
+        given = [p.seconds for p in pairs if p.probe == CONFERRABLE and p.method == m]
+        lines.append(f"- `{m}` on the conferrable probe (3 references shape it): AUC {_f(r.auc['all'])} "
+                     f"({'met' if (r.auc['all'] or 0) >= 0.95 else 'not met'}), {_f(r.auc['working'])} over the "
+                     f"copies that still work; FIR {_pct((hits / n if n else None, hits, n))} at the shipped "
+                     f"threshold ({'met' if n and hits / n <= TARGET_FIR else 'not met'}), MIR there "
+                     f"{_pct(r.missed['all'])}; a pair given the probe p90 {np.percentile(given, 90):.3f} s, the "
+                     f"probe (surrogates and search, once per source) p90 "
+                     f"{np.percentile([w for w, _ in probe_times], 90):.1f} s.")
     lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
