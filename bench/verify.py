@@ -545,7 +545,8 @@ def _render_conferrable(reports: dict[tuple[str, str], Report], manifest: dict) 
                      for m, t in CONFERRABLE_THRESHOLDS.items())
     lines = [
         "", f"### Conferrable probe (`{CONFERRABLE}`): core points the owner's references reject", "",
-        "The default probe when references are given (pipeline/verify/behavior.py `make_probe`). Each source's "
+        "The default probe when three references or more are given (pipeline/verify/behavior.py `make_probe`). "
+        "Each source's "
         f"probe is shaped by {'/'.join(map(str, sorted(shaping)))} homolog references (its architecture's extra "
         "seeds, `homolog-seed`) and two surrogates the library distils from the source on the seeds (soft "
         "labels, top-1 labels: `pipeline.verify.surrogates`): points the source and the surrogates label alike "

@@ -88,7 +88,7 @@ def verify_pairs(
     no verdict and the reason. `references`: homolog references per protected model, by its URI or
     model_id (they shape a conferrable probe and calibrate ddv: `make_probe`); `calibrations`, when
     given, gets one entry per protected model that has references: the references scored, those skipped
-    with the reason, and what shaped its probe. `probe`: "conferrable" (the default with references) or
+    with the reason, and what shaped its probe. `probe`: "conferrable" (the default with 3+ references) or
     "core" (DeepCore's core points; the references then set per-source thresholds for every method).
 
     Returns:

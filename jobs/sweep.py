@@ -112,7 +112,7 @@ def sweep(
         verify_timeout: on Ray, seconds per protected model's task; its unfinished pairs become errors.
         verify_references: homolog references per protected model (its URI or model_id -> reference URIs):
             they shape its conferrable probe (`load_references` reads them from a JSON file).
-        verify_probe: "conferrable" (the default with references) or "core" (DeepCore's core points, the
+        verify_probe: "conferrable" (the default with 3+ references) or "core" (DeepCore's core points, the
             references setting per-source thresholds).
 
     Raises:
@@ -440,7 +440,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--verify-probe", default=None, choices=["conferrable", "core"],
-        help="stage 2's probe: conferrable (the default with --references: core points the references reject) "
+        help="stage 2's probe: conferrable (the default with 3+ references: core points they reject) "
         "or core (DeepCore's; the references set per-source thresholds)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

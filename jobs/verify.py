@@ -6,7 +6,7 @@ suspect is judged by each method, with the evidence printed. A suspect that cann
 `error` verdict with the reason; a source that cannot run is an error of the command (exit code 2).
 
 `--reference PATH` (repeatable) names a homolog reference: a model the owner trained apart from the
-source (same architecture and data, another seed). With references the probe is conferrable (`--probe`,
+source (same architecture and data, another seed). With three or more the probe is conferrable (`--probe`,
 `pipeline.verify.behavior.make_probe`): its core points are those the source and its surrogates label
 alike and the references do not; the surrogates are distilled from the source on the seeds, or named
 with `--surrogate PATH` (copies the owner made). `--probe core` keeps DeepCore's own core points, and the
@@ -90,7 +90,7 @@ def verify(
     """Build the source's probe once and judge every suspect by every method.
 
     `references`: homolog references' URIs (loaded with the source's `arch`). `probe_kind`: "conferrable"
-    (the default with references: they and the `surrogates`, URIs, shape the core points) or "core"
+    (the default with 3+ references: they and the `surrogates`, URIs, shape the core points) or "core"
     (DeepCore's core points; the references set per-source thresholds).
 
     Raises:
@@ -199,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--probe", default=None, choices=["conferrable", "core"],
-        help="conferrable (the default with --reference) or core (DeepCore's core points)",
+        help="conferrable (the default with 3+ --reference) or core (DeepCore's core points)",
     )
     parser.add_argument("--homolog", action="append", default=[], help="cluster: a known homolog (repeatable)")
     parser.add_argument("--pirated", action="append", default=[], help="cluster: a known copy (repeatable)")

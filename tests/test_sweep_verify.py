@@ -41,12 +41,14 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
         homolog = train_mlp(data, seed=5)
         reference = train_mlp(data, seed=6)  # the owner's own homologs: references, not in the index
         reference2 = train_mlp(data, seed=7)
+        reference3 = train_mlp(data, seed=8)
     finally:
         torch.set_num_threads(threads)
     weights = state_dict_of(original)
     save_checkpoint(root / "protected" / "orig", weights, "mlp")
     save_checkpoint(root / "refs" / "h6", state_dict_of(reference), "mlp")
     save_checkpoint(root / "refs" / "h7", state_dict_of(reference2), "mlp")
+    save_checkpoint(root / "refs" / "h8", state_dict_of(reference3), "mlp")
     src = root / "src"
     save_checkpoint(src / "orig", weights, "mlp")  # the protected model itself: never verified against itself
     save_checkpoint(src / "finetuned", state_dict_of(tuned), "mlp")
@@ -62,7 +64,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
     finally:
         os.chdir(cwd)
     return {"root": root, "protected": root / "protected", "src": src, "index": root / "index",
-            "reference": root / "refs" / "h6", "reference2": root / "refs" / "h7"}
+            "reference": root / "refs" / "h6", "reference2": root / "refs" / "h7",
+            "reference3": root / "refs" / "h8"}
 
 
 def _by_match(report: Path) -> dict[str, list[dict]]:
@@ -204,9 +207,9 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     assert "no such file" in calibrated["skipped"][missing]
     md = (tmp_path / "refs.summary.md").read_text()
     assert "stage 2 references of" in md and "1 of 2 scored, per source thresholds; skipped" in md
-    # By default two references or more shape a conferrable probe (with two surrogates distilled from it).
+    # By default three references or more shape a conferrable probe (with two surrogates distilled from it).
     conferrable = tmp_path / "conferrable.parquet"
-    references = {"orig": [*references["orig"], str(zoo["reference2"])]}
+    references = {"orig": [*references["orig"], str(zoo["reference2"]), str(zoo["reference3"])]}
     summary = sweep(str(zoo["protected"]), str(zoo["index"]), str(conferrable), progress=False, verify_method="all",
                     verify_references=references, **WIDE)
     pairs = _by_match(conferrable)
@@ -214,7 +217,7 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     assert _one(pairs["homolog"], "stage2_verdict") != "pirated"
     assert _one(pairs["finetuned"], "stage2_score") > _one(pairs["homolog"], "stage2_score")
     (calibrated,) = summary.stage2_references
-    assert calibrated["shaped_by"]["references"] == [str(zoo["reference"]), str(zoo["reference2"])]
+    assert calibrated["shaped_by"]["references"] == [str(zoo[r]) for r in ("reference", "reference2", "reference3")]
     assert len(calibrated["shaped_by"]["surrogates"]) == 2 and "no such file" in calibrated["skipped"][missing]
     assert calibrated["thresholds"] == "conferrable + per source"  # ddv is still calibrated on the reference
     assert "shaped a conferrable probe with 2 surrogates" in (tmp_path / "conferrable.summary.md").read_text()

@@ -108,6 +108,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "homolog": state_dict_of(homolog),
         "homolog2": state_dict_of(train_mlp(data, seed=2)),
         "homolog3": state_dict_of(train_mlp(data, seed=3)),
+        "homolog4": state_dict_of(train_mlp(data, seed=4)),
         # Same inputs and label space, another task: labels permuted.
         "unrelated": state_dict_of(_train_on(make_model("mlp", 50), data, (data.y_train * 3 + 1) % 10, 50, 15)),
         "newhead": state_dict_of(_new_head(source, data, 7)),
@@ -279,10 +280,10 @@ def test_a_reference_that_cannot_load_or_compare_is_reported_and_skipped(zoo, pr
 
 @pytest.fixture(scope="module")
 def conferrable(zoo):
-    """A conferrable probe of the source: two homolog references, two surrogates distilled from it."""
+    """A conferrable probe of the source: three homolog references, two surrogates distilled from it."""
     seeds = np.load(zoo["seeds"])
     return make_probe(load_runnable(zoo["source"]), seeds=seeds, n=POINTS,
-                      references=[_suspect(zoo, "homolog2"), _suspect(zoo, "homolog3")])
+                      references=[_suspect(zoo, n) for n in ("homolog2", "homolog3", "homolog4")])
 
 
 def test_surrogates_are_fresh_students_that_answer_like_the_source(zoo):
@@ -300,7 +301,7 @@ def test_surrogates_are_fresh_students_that_answer_like_the_source(zoo):
 
 def test_conferrable_probe_keeps_copies_and_rejects_homologs(zoo, conferrable):
     assert conferrable.core.variant == "conferrable" and len(conferrable.core.labels) == POINTS
-    assert conferrable.shaped_by["references"] == ["homolog2", "homolog3"]
+    assert conferrable.shaped_by["references"] == ["homolog2", "homolog3", "homolog4"]
     assert len(conferrable.shaped_by["surrogates"]) == 2
     # The search pushed the reference away: it rarely gives the source's label on these points.
     reference = verify_pair(conferrable, _suspect(zoo, "homolog2"), "agreement")
@@ -315,7 +316,7 @@ def test_conferrable_probe_keeps_copies_and_rejects_homologs(zoo, conferrable):
     # it ranks below the fine-tune, among the homologs.
     assert tuned.score > distilled.score
     calibration = tuned.evidence["calibration"]
-    assert calibration["thresholds"].startswith("conferrable") and calibration["references"] == ["homolog2", "homolog3"]
+    assert calibration["thresholds"].startswith("conferrable") and calibration["references"][0] == "homolog2"
     # ddv's input pairs are not shaped by the references: they calibrate it as before.
     cal = conferrable.calibration
     assert cal.references("agreement") == {} and "homolog2" in cal.references("ddv")
@@ -327,7 +328,7 @@ def test_conferrable_probe_needs_a_reference_that_fits(zoo):
     source = load_runnable(zoo["source"])
     with pytest.raises(VerifyError, match="input kinds differ"):
         make_probe(source, n=20, references={"gpt": _suspect(zoo, "gpt")}, conferrable=True)
-    # By default fewer than two usable references leave DeepCore's core points, calibrated on them.
+    # By default fewer than three usable references leave DeepCore's core points, calibrated on them.
     probe = make_probe(source, n=20, references={"gpt": _suspect(zoo, "gpt"), "homolog2": _suspect(zoo, "homolog2")})
     assert probe.shaped_by is None and probe.core.variant == "core"
     assert "input kinds differ" in probe.calibration.failed["gpt"] and probe.calibration.references("agreement")
@@ -349,11 +350,12 @@ def test_conferrable_token_probe_and_surrogates(zoo):
 
 def test_cli_conferrable_by_default_with_references(zoo, capsys):
     rc = cli_main(["verify", zoo["source"], zoo["finetuned"], zoo["homolog"], "--reference", zoo["homolog2"],
-                   "--reference", zoo["homolog3"], "--seeds", zoo["seeds"], "--points", "60", "--method", "all"])
+                   "--reference", zoo["homolog3"], "--reference", zoo["homolog4"], "--seeds", zoo["seeds"],
+                   "--points", "60", "--method", "all"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "60 conferrable points" in out and "conferrable probe: shaped by 2 references and 2 surrogates" in out
-    assert "conferrable (global: the references shaped the probe) (shaped by 2 references)" in out
+    assert "60 conferrable points" in out and "conferrable probe: shaped by 3 references and 2 surrogates" in out
+    assert "conferrable (global: the references shaped the probe) (shaped by 3 references)" in out
     assert "per-source thresholds, ddv" in out
 
 

@@ -34,7 +34,7 @@ extractions on the source's own data and heavily pruned (80%) copies fall among 
 method here (ROC AUC pirated vs homolog 0.69 with global thresholds, 0.78 with per-source calibration).
 
 With references the owner holds, the probe can do better than calibrate on them: shape the core points
-with them. A *conferrable* probe (`make_probe` with two references or more; Lukas et al., "Deep Neural
+with them. A *conferrable* probe (`make_probe` with three references or more; Lukas et al., "Deep Neural
 Network Fingerprinting by Conferrable Adversarial Examples", ICLR 2021) keeps the points that the source
 and its surrogates (students the owner distils from it, `pipeline.verify.surrogates`) label alike and the
 references do not; on the zoo it ranked every kind of copy above unseen homologs far better (AUC 0.93
@@ -160,10 +160,11 @@ CONFERRABLE_THRESHOLDS: dict[str, Thresholds] = {
     "agreement": Thresholds(pirated=0.7, unrelated=0.05),
     "distance": Thresholds(pirated=0.25, unrelated=0.8, higher_is_closer=False),
 }
-# A probe shaped by one reference rejects that model but generalizes poorly: unseen MLP homologs agreed on
-# up to 0.75 of its points, against 0.49 with two references and 0.42 with three (tests' MLPs). With fewer
-# usable references than this, `make_probe` keeps DeepCore's core points and calibrates on them.
-CONFERRABLE_MIN_REFERENCES = 2
+# A probe shaped by few references rejects them but generalizes poorly: on the zoo, with 2 references per
+# source 4.2% of the unseen homologs (9/216) reached CONFERRABLE_THRESHOLDS, with 3 none (0/207); on the
+# tests' MLPs one reference left a homolog at 0.75. With fewer usable references than this, `make_probe`
+# keeps DeepCore's core points and calibrates on them.
+CONFERRABLE_MIN_REFERENCES = 3
 # The probe's ddv input pairs.
 DDV_PAIRS = 100
 # Below this mean confidence on its core points a source's labels say too little: label methods refuse.
