@@ -51,6 +51,7 @@ from bench.quality_zoo import (
     state_dict_of,
 )
 from bench.zoo import DigitsSplit, _one_thread, load_digits_split
+from pipeline.verify.surrogates import student_loss
 
 __all__ = ["DEFAULT_DIR", "KINDS", "SIZES", "build_verify_zoo", "comparisons", "load_zoo_model"]
 
@@ -106,13 +107,7 @@ def _train_on(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, seed: 
     for _ in range(max(1, epochs)):
         for batch in torch.randperm(len(x), generator=gen).split(64):
             opt.zero_grad()
-            out = model(x[batch])
-            if soft:
-                loss = F.kl_div(F.log_softmax(out / TEMPERATURE, dim=1), teacher[batch], log_target=True,
-                                reduction="batchmean") * TEMPERATURE**2
-            else:
-                loss = F.cross_entropy(out, teacher[batch])
-            loss.backward()
+            student_loss(model(x[batch]), teacher[batch], soft=soft, temperature=TEMPERATURE).backward()
             opt.step()
     return model.eval()
 

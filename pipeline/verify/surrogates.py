@@ -26,7 +26,7 @@ from pipeline.errors import VerifyError
 from pipeline.verify.core_points import input_spread, require_labels, token_pool
 from pipeline.verify.runnable import RunnableModel
 
-__all__ = ["SURROGATE_KINDS", "SURROGATE_STEPS", "distil_surrogates"]
+__all__ = ["SURROGATE_KINDS", "SURROGATE_STEPS", "distil_surrogates", "student_loss"]
 
 SURROGATE_KINDS = ("soft", "labels")
 # Adam steps of SURROGATE_BATCH inputs: on the digits zoo the students reach the source's test accuracy
@@ -81,6 +81,16 @@ def distil_surrogates(
     return out
 
 
+def student_loss(out: torch.Tensor, target: torch.Tensor, *, soft: bool,
+                 temperature: float = TEMPERATURE) -> torch.Tensor:
+    """A student's loss on a batch: KL divergence to the teacher's log-probabilities at `temperature`
+    (soft, scaled by temperature^2 as Hinton et al. do), or cross-entropy to its top-1 labels."""
+    if soft:
+        return F.kl_div(F.log_softmax(out / temperature, dim=1), target, log_target=True,
+                        reduction="batchmean") * temperature**2
+    return F.cross_entropy(out, target)
+
+
 def _inputs(source: RunnableModel, seeds: torch.Tensor | np.ndarray | None, gen: torch.Generator) -> torch.Tensor:
     domain = source.domain
     if domain.kind == "tokens":
@@ -122,12 +132,7 @@ def _train(module: nn.Module, inputs: torch.Tensor, teacher: torch.Tensor, *, so
     with torch.enable_grad():
         for _ in range(steps):
             batch = torch.randint(0, len(inputs), (SURROGATE_BATCH,), generator=gen).to(inputs.device)
-            out = module(inputs[batch])
-            if soft:
-                loss = F.kl_div(F.log_softmax(out / TEMPERATURE, dim=1), target[batch], log_target=True,
-                                reduction="batchmean") * TEMPERATURE**2
-            else:
-                loss = F.cross_entropy(out, target[batch])
+            loss = student_loss(module(inputs[batch]), target[batch], soft=soft)
             if not torch.isfinite(loss):
                 raise VerifyError(f"{name}: surrogate training diverged (loss {float(loss)})")
             opt.zero_grad()
