@@ -154,8 +154,8 @@ THRESHOLDS: dict[str, Thresholds] = {
 # same-data homologs agreed on at most 0.61 of the points (Jensen-Shannon at least 0.32 bits), copies
 # fine-tuned or lightly pruned on 0.9-1.0, distilled ones on 0.6-0.99; a cut chosen on the seed-0 sources
 # alone (0.61) kept every held-out homolog out. `unrelated` sits below the same-data homologs (0.08 at the
-# least); models of other tasks scored 0.02-0.23. Fewer references leave homologs closer (one reference:
-# up to about 0.65 on the tests' MLPs), so the pirated cut keeps a margin. bench/verify.py measures them.
+# least); models of other tasks scored 0.02-0.23. Fewer references leave homologs closer (see
+# CONFERRABLE_MIN_REFERENCES), so the pirated cut keeps a margin. bench/verify.py measures them.
 CONFERRABLE_THRESHOLDS: dict[str, Thresholds] = {
     "agreement": Thresholds(pirated=0.7, unrelated=0.05),
     "distance": Thresholds(pirated=0.25, unrelated=0.8, higher_is_closer=False),
