@@ -575,11 +575,16 @@ def _render_conferrable(reports: dict[tuple[str, str], Report], manifest: dict) 
         lines.append(f"| `{m}` | " + " | ".join(_pct(r.false_homolog[k]) for k in fir_kinds)
                      + f" | {_pct(r.false_unrelated['all'])} | {r.errors} |")
     lines += ["", f"A cut chosen on the seed-{CALIBRATION_SEED} sources (FIR <= {100 * TARGET_FIR:g}% there), then "
-              "the held-out sources, beside the shipped thresholds:", "",
-              "| | cut | held-out MIR, cut / shipped | held-out FIR homolog, cut / shipped | held-out FIR unrelated, "
-              "cut / shipped |", "|---|---|---|---|---|"]
-    for m, r in rows:
-        lines.append(f"| `{m}` | {_f(r.calibrated, 4)} | " + " | ".join(
+              "the held-out sources, beside the shipped thresholds:", ""]
+    return lines + _held_out_table([(f"`{m}`", r) for m, r in rows])
+
+
+def _held_out_table(rows: list[tuple[str, Report]]) -> list[str]:
+    """Per row: the cut chosen on the calibration sources, and the held-out rates at it and as shipped."""
+    lines = ["| | cut | held-out MIR, cut / shipped | held-out FIR homolog, cut / shipped | held-out FIR unrelated, "
+             "cut / shipped |", "|---|---|---|---|---|"]
+    for label, r in rows:
+        lines.append(f"| {label} | {_f(r.calibrated, 4)} | " + " | ".join(
             f"{_pct(r.held_out[k])} / {_pct(r.held_out_shipped[k])}" for k in ("MIR", "FIR homolog", "FIR unrelated"))
             + " |")
     return lines
@@ -647,13 +652,8 @@ def _render_references(reports: dict[tuple[str, str], Report], times: Timings, m
         lines.append(f"| `{m}`, {names[label]} | " + " | ".join(_pct(r.missed[k]).split(" ")[0] for k in miss_kinds)
                      + " |")
     lines += ["", f"A cut chosen on the seed-{CALIBRATION_SEED} sources (FIR <= {100 * TARGET_FIR:g}% there; "
-              "calibrated units for the calibrated rows), then the held-out sources, beside the shipped ones:", "",
-              "| | cut | held-out MIR, cut / shipped | held-out FIR homolog, cut / shipped | held-out FIR unrelated, "
-              "cut / shipped |", "|---|---|---|---|---|"]
-    for m, label, r in rows:
-        lines.append(f"| `{m}`, {names[label]} | {_f(r.calibrated, 4)} | " + " | ".join(
-            f"{_pct(r.held_out[k])} / {_pct(r.held_out_shipped[k])}" for k in ("MIR", "FIR homolog", "FIR unrelated"))
-            + " |")
+              "calibrated units for the calibrated rows), then the held-out sources, beside the shipped ones:", ""]
+    lines += _held_out_table([(f"`{m}`, {names[label]}", r) for m, label, r in rows])
     others = [p for p in PROBES if p != "core-real" and any((p, f"{m}+refs") in reports for m in PAIR_METHODS)]
     if others:
         lines += ["", "Other probes: AUC pirated vs homolog (all) / MIR / FIR homolog / FIR unrelated, global and with "
