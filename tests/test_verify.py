@@ -34,11 +34,12 @@ from pipeline.verify.behavior import (
     calibrate,
     core_points,
     make_probe,
+    prior_corrected,
     verify_group,
     verify_pair,
     verify_uris,
 )
-from pipeline.verify.runnable import load_runnable
+from pipeline.verify.runnable import RunnableModel, load_runnable
 from pipeline.verify.surrogates import distil_surrogates
 
 POINTS = 100  # a smaller probe than the default keeps the file fast; the verdicts hold at this size
@@ -322,6 +323,40 @@ def test_conferrable_probe_keeps_copies_and_rejects_homologs(zoo, conferrable):
     assert cal.references("agreement") == {} and "homolog2" in cal.references("ddv")
     ddv = verify_pair(conferrable, _suspect(zoo, "finetuned"), "ddv")
     assert ddv.evidence["calibration"]["thresholds"] == "per source"
+
+
+class _Tilted(nn.Module):
+    """A model whose logits lean toward class 0, as a copy pruned into a favoured class does."""
+
+    def __init__(self, module: nn.Module, lean: float) -> None:
+        super().__init__()
+        self.inner, self.lean = module, lean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out + F.one_hot(torch.zeros(len(out), dtype=torch.long), out.shape[1]) * self.lean
+
+
+def _tilted(model, lean: float):
+    return RunnableModel(_Tilted(model.module, lean), model.domain, model.n_outputs, name=f"{model.name} tilted",
+                         arch=model.arch)
+
+
+def test_conferrable_evidence_divides_out_a_suspects_class_prior(zoo, conferrable):
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.5, 0.1, 0.4]])
+    corrected = prior_corrected(probs)
+    assert torch.allclose(corrected.sum(1), torch.ones(3))
+    assert corrected.argmax(1).tolist() == [0, 1, 2]  # raw argmax: all class 0
+    # The source itself, tilted until most of its raw labels collapse onto class 0: divided by its prior,
+    # its preferences follow the source's again; a tilted homolog's do not. (Evidence: the score stays raw.)
+    source = load_runnable(zoo["source"])
+    lean = float(source.logits(conferrable.core.inputs).std()) * 3
+    copy_ = verify_pair(conferrable, _tilted(source, lean), "agreement")
+    homolog = verify_pair(conferrable, _tilted(_suspect(zoo, "homolog"), lean), "agreement")
+    raw, corrected = copy_.score, copy_.evidence["prior_agreement"]
+    assert raw == copy_.evidence["agreement"] < 0.5 and corrected >= raw + 0.1
+    assert homolog.evidence["prior_agreement"] < CONFERRABLE_THRESHOLDS["agreement"].pirated
+    assert corrected > homolog.evidence["prior_agreement"] + 0.1, (copy_.evidence, homolog.evidence)
 
 
 def test_conferrable_probe_needs_a_reference_that_fits(zoo):

@@ -82,6 +82,7 @@ __all__ = [
     "calibrate",
     "core_points",
     "make_probe",
+    "prior_corrected",
     "verify_group",
     "verify_pair",
     "verify_uris",
@@ -482,14 +483,34 @@ def _inputs_for(probe: Probe, suspect: RunnableModel, x: torch.Tensor) -> torch.
     return x.to(suspect.device)
 
 
+def prior_corrected(probs: torch.Tensor) -> torch.Tensor:
+    """A suspect's probabilities over the probe with its own class prior divided out (each row renormalized).
+
+    The prior is the suspect's mean output over the probe's points, whose labels the search spreads evenly
+    over the classes. A copy that pruning or quantization tilted toward a few classes keeps its relative
+    preferences, which still follow the source's, while its raw argmax collapses onto the favoured classes;
+    an independent model's preferences do not follow the source's either way.
+
+    Evidence only (`prior_agreement`), not the score: on the zoo's conferrable probes, scoring by it lifted
+    pruned copies (80% pruning: AUC 0.816 -> 0.888 vs homologs, misses 8/9 -> 4/9) and the pooled AUC
+    (0.930 -> 0.936) at no cost in false identification, but lost distilled and extracted copies (misses
+    17 -> 20 of 27), the ones stage 1 cannot see: with both stages, one more copy went unnamed (22 -> 23
+    of 81). A high prior_agreement beside a low agreement points at a tilted copy of the source.
+    """
+    corrected = probs / probs.mean(dim=0, keepdim=True).clamp_min(1e-12)
+    return corrected / corrected.sum(dim=1, keepdim=True)
+
+
 def _agreement(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, Any]]:
     core, _ = _core(probe)
     _check_pair(probe.source, suspect, same_labels=True)
     probs = suspect.probs(_inputs_for(probe, suspect, core.inputs)).to(probe.source.device)
     labels = core.labels
     agree = float((probs.argmax(dim=1) == labels).float().mean())
-    evidence = {
-        "agreement": round(agree, 4),
+    evidence: dict[str, Any] = {"agreement": round(agree, 4)}
+    if probe.shaped_by is not None:  # labels spread evenly over the classes: see prior_corrected
+        evidence["prior_agreement"] = round(float((prior_corrected(probs).argmax(dim=1) == labels).float().mean()), 4)
+    evidence |= {
         "core_points": len(labels),
         "source_confidence": round(float(core.confidence.mean()), 4),
         "suspect_confidence": round(float(probs.gather(1, labels[:, None]).mean()), 4),
