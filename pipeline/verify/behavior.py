@@ -507,14 +507,14 @@ def _agreement(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, A
     probs = suspect.probs(_inputs_for(probe, suspect, core.inputs)).to(probe.source.device)
     labels = core.labels
     agree = float((probs.argmax(dim=1) == labels).float().mean())
-    evidence: dict[str, Any] = {"agreement": round(agree, 4)}
-    if probe.shaped_by is not None:  # labels spread evenly over the classes: see prior_corrected
-        evidence["prior_agreement"] = round(float((prior_corrected(probs).argmax(dim=1) == labels).float().mean()), 4)
-    evidence |= {
+    evidence: dict[str, Any] = {
+        "agreement": round(agree, 4),
         "core_points": len(labels),
         "source_confidence": round(float(core.confidence.mean()), 4),
         "suspect_confidence": round(float(probs.gather(1, labels[:, None]).mean()), 4),
     }
+    if probe.shaped_by is not None:  # labels spread evenly over the classes: see prior_corrected
+        evidence["prior_agreement"] = round(float((prior_corrected(probs).argmax(dim=1) == labels).float().mean()), 4)
     if probe.boundary is not None:
         b = suspect.probs(_inputs_for(probe, suspect, probe.boundary.inputs)).argmax(dim=1).to(probe.source.device)
         evidence["boundary_agreement"] = round(float((b == probe.boundary.labels).float().mean()), 4)
