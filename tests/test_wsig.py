@@ -117,3 +117,37 @@ def test_compare_shows_which_blocks_match(tmp_path):
     report = compare(hash_uri(str(a), "wsig"), hash_uri(str(b), "wsig"))
     assert report["spec"] == SPEC.name
     assert {blk["block"] for blk in report["blocks"] if blk["verdict"] == "copy"} >= {"layer1.0", "layer2.1"}
+
+
+def test_balance_undoes_row_and_column_scalings_and_zeroes_dead_units():
+    from pipeline.hashing.wsig import _balance
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 10, 3, generator=g, dtype=torch.float64)
+    w[3] = 0.0  # a dead output unit
+    w[:, 7] = 0.0  # a dead input unit
+    w[5] = 0.0
+    w[5, 7, 0] = 1e-9  # a unit whose energy lies only in the dead input: dead too, never NaN
+    rows = torch.rand(12, generator=g, dtype=torch.float64) * 10 + 0.1
+    cols = torch.rand(10, generator=g, dtype=torch.float64) * 10 + 0.1
+    a, b = _balance(w), _balance(w * rows[:, None, None] * cols[None, :, None])
+    assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-9)
+    assert (a[3] == 0).all() and (a[5] == 0).all() and (a[:, 7] == 0).all()
+    live = [i for i in range(12) if i not in (3, 5)]
+    row_norms, col_norms = a[live].square().sum(dim=(1, 2)), a.square().sum(dim=(0, 2))
+    assert torch.allclose(row_norms, row_norms.mean().expand(10), rtol=1e-3)  # 9 live columns, 10 rows
+    assert torch.allclose(col_norms[[j for j in range(10) if j != 7]], torch.ones(9, dtype=torch.float64))
+    # One kernel offset takes the 2-D path: the same law, to what 12 Sinkhorn steps converge (~1e-6 here).
+    flat = _balance(w[:, :, :1])
+    assert torch.allclose(flat, _balance(w[:, :, :1] * rows[:, None, None] * cols[None, :, None]), atol=1e-4)
+
+
+def test_top_keeps_the_largest_fraction_unchanged():
+    from pipeline.hashing.wsig import _top
+
+    w = torch.randn(40, 25, dtype=torch.float64).T  # not contiguous, as a transposed GPT-2 weight
+    kept = _top(w.clone(), 0.3)
+    nonzero = kept != 0
+    assert int(nonzero.sum()) == round(0.3 * w.numel())
+    assert torch.equal(kept[nonzero], w[nonzero])
+    assert w.abs()[nonzero].min() > w.abs()[~nonzero].max()
