@@ -46,3 +46,23 @@ def test_metrics_for_both_specs(tiny_zoo):
     assert wsig.metrics["FPR at copy (homologs)"] == 0.0
     table = render(reports, manifest)
     assert "| permute (4) |" in table and "`wsig-v1`" in table
+
+
+def test_homologs_outside_the_zoo_are_counted_against_the_copy_threshold(tiny_zoo):
+    from bench.quality import outside_homologs, render_outside
+
+    root, manifest = tiny_zoo
+    # The verify zoo's manifest shape over this zoo's models: originals as independent homologs of each
+    # other, fine-tunes and prunes as weight-kept copies of their original.
+    kinds = {"original": ("original", "original"), "ft-short": ("pirated", "ft-short"),
+             "prune50": ("pirated", "prune50")}
+    models = [dict(m, relation=kinds[m["kind"]][0], kind=kinds[m["kind"]][1])
+              for m in manifest["models"] if m["kind"] in kinds]
+    spec = get_spec("wsig")
+    out = outside_homologs(root, models, spec)
+    assert {arch: v[1] for arch, v in out.independent.items()} == {"mlp": 1, "cnn": 1}  # two seeds each
+    assert all(within <= pairs and closest > 0 for within, pairs, closest in out.independent.values())
+    assert out.recall["ft-short"] == (4, 4) and out.recall["prune50"][1] == 4
+    assert out.cross_lineage[1] > 2  # copies of one lineage against the other lineage count too
+    lines = "\n".join(render_outside([out]))
+    assert "| independent cnn pairs |" in lines and "| recall ft-short | 4 / 4 |" in lines
