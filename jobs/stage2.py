@@ -80,6 +80,7 @@ def verify_pairs(
     references: Mapping[str, Sequence[str]] | None = None,
     calibrations: list[dict[str, Any]] | None = None,
     probe: str | None = None,
+    probe_cache: str | None = None,
 ) -> list[tuple[Candidate, Stage2]]:
     """Stage 2: the nearest `max_pairs` candidates verified by behaviour, one group per protected model.
 
@@ -90,6 +91,8 @@ def verify_pairs(
     given, gets one entry per protected model that has references: the references scored, those skipped
     with the reason, and what shaped its probe. `probe`: "conferrable" (the default with 3+ references) or
     "core" (DeepCore's core points; the references then set per-source thresholds for every method).
+    `probe_cache`: a folder where conferrable probes are kept between sweeps (on each Ray node its own,
+    unless the folder is shared storage); None: none.
 
     Returns:
         (candidate, answer) for every candidate, in the order given.
@@ -135,7 +138,7 @@ def verify_pairs(
     with tqdm(total=total, desc="verifying", unit="pair", disable=not progress, file=sys.stderr) as bar:
         run = _verify_on_ray if use_ray else _verify_locally
         conferrable = None if probe is None else probe == "conferrable"
-        results = run(_Groups(work, uri_of, methods, refs_of, conferrable), device, timeout_s, bar)
+        results = run(_Groups(work, uri_of, methods, refs_of, conferrable, probe_cache), device, timeout_s, bar)
         for (source, group), (got_all, calibration) in zip(work, results, strict=True):
             for c, got in zip(group, got_all, strict=True):
                 answers[(c.owner, c.row)] = got
@@ -169,6 +172,8 @@ def _answers(verdicts: list[list[Verdict]]) -> tuple[list[Stage2], Calibrated]:
             continue
         if "surrogates" in cal:  # a conferrable probe: the references shaped its core points
             shaped = {"references": list(cal["references"]), "surrogates": list(cal["surrogates"])}
+            if cal.get("cached"):  # read from the probe cache, not searched again
+                shaped["cached"] = cal["cached"]
             skipped.update(cal.get("skipped", {}))
             kinds.add("conferrable")
             continue
@@ -192,6 +197,7 @@ class _Groups:
     methods: tuple[str, ...]
     refs_of: dict[str, tuple[str, ...]]
     conferrable: bool | None = None  # the probe: conferrable, DeepCore's core points, or None (by references)
+    probe_cache: str | None = None  # where conferrable probes are kept between runs
 
 
 def _verify_locally(
@@ -207,7 +213,7 @@ def _verify_locally(
     for source, group in groups.work:
         verdicts = verify_candidates(source, [str(groups.uri_of[c.row]) for c in group], groups.methods,
                                      device=device, references=groups.refs_of.get(source, ()),
-                                     conferrable=groups.conferrable)
+                                     conferrable=groups.conferrable, cache=groups.probe_cache)
         bar.update(len(group))
         yield _answers(verdicts)
 
@@ -247,7 +253,8 @@ def _verify_on_ray(
         while len(in_flight) < limit and (nxt := next(queue, None)) is not None:
             i, (source, group) = nxt
             obj = task.remote(source, [uri_of[c.row] for c in group], methods, device="cuda" if gpus else "cpu",
-                              references=refs_of.get(source, ()), conferrable=groups.conferrable)
+                              references=refs_of.get(source, ()), conferrable=groups.conferrable,
+                              cache=groups.probe_cache)
             in_flight[obj] = (i, time.monotonic())
         if not in_flight:
             break

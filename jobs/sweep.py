@@ -65,6 +65,7 @@ from pipeline.search.sweep import PARTS, WHOLE, Hits, Target, empty_hits, merge,
 from pipeline.settings import Settings
 from pipeline.sources import list_models
 from pipeline.verify.behavior import PAIR_METHODS
+from pipeline.verify.probe_cache import PROBE_CACHE_HELP, cache_dir_option
 
 QUERY_TILE = 4096  # query codes per local pass over the index: the unit of streaming and progress
 SCAN_RETRIES = 3  # a scan task lost with its worker is re-run
@@ -89,6 +90,7 @@ def sweep(
     verify_timeout: float | None = None,
     verify_references: Mapping[str, Sequence[str]] | None = None,
     verify_probe: str | None = None,
+    verify_probe_cache: str | None = None,
 ) -> SweepSummary:
     """Search every protected code against `index`, verify the candidates by behaviour; write the pairs
     to `out` (Parquet) and a summary.
@@ -114,6 +116,7 @@ def sweep(
             they shape its conferrable probe (`load_references` reads them from a JSON file).
         verify_probe: "conferrable" (the default with 3+ references) or "core" (DeepCore's core points, the
             references setting per-source thresholds).
+        verify_probe_cache: a folder where conferrable probes are kept between sweeps; None: none.
 
     Raises:
         ModelIndexError: the index is missing, corrupt, or holds no code of the spec.
@@ -169,7 +172,7 @@ def sweep(
         stage2 = verify_pairs(
             candidates, queries, searched, methods, max_pairs=verify_max_pairs, use_ray=ray_address is not None,
             device=device, timeout_s=verify_timeout, progress=progress, references=verify_references,
-            calibrations=calibrations, probe=verify_probe,
+            calibrations=calibrations, probe=verify_probe, probe_cache=verify_probe_cache,
         )
         apply_stage2(out, stage2, summary)
         summary.stage2_references = calibrations
@@ -443,6 +446,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stage 2's probe: conferrable (the default with 3+ references: core points they reject) "
         "or core (DeepCore's; the references set per-source thresholds)",
     )
+    parser.add_argument("--probe-cache", default=None, metavar="DIR", help="stage 2: " + PROBE_CACHE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -467,6 +471,7 @@ def run(args: argparse.Namespace) -> SweepSummary:
         verify_timeout=args.verify_timeout,
         verify_references=load_references(args.references) if args.references else None,
         verify_probe=args.verify_probe,
+        verify_probe_cache=cache_dir_option(args.probe_cache),
     )
 
 

@@ -37,6 +37,7 @@ from pipeline.verify.behavior import (
     verify_pair,
 )
 from pipeline.verify.core_points import CORE_POINTS, CORE_STEPS, TOKEN_POINTS, TOKEN_STEPS
+from pipeline.verify.probe_cache import PROBE_CACHE_HELP, cache_dir_option
 from pipeline.verify.runnable import RunnableModel, load_runnable
 
 
@@ -86,12 +87,14 @@ def verify(
     seed: int = 0,
     contrast: bool = False,
     device: str = "cpu",
+    probe_cache: str | None = None,
 ) -> VerifyReport:
     """Build the source's probe once and judge every suspect by every method.
 
     `references`: homolog references' URIs (loaded with the source's `arch`). `probe_kind`: "conferrable"
     (the default with 3+ references: they and the `surrogates`, URIs, shape the core points) or "core"
-    (DeepCore's core points; the references set per-source thresholds).
+    (DeepCore's core points; the references set per-source thresholds). `probe_cache`: a folder where a
+    conferrable probe's core points are kept between runs (`pipeline.verify.probe_cache`); None: none.
 
     Raises:
         ModelhashError: the source cannot be loaded or run (the suspects' and references' failures are
@@ -102,7 +105,7 @@ def verify(
     given = [_reference(uri, arch, device) for uri in surrogates]
     probe = make_probe(model, seeds=seeds, n=n, steps=steps, seed=seed, contrast=contrast,
                        references=refs or None, surrogates=given or None,
-                       conferrable=None if probe_kind is None else probe_kind == "conferrable")
+                       conferrable=None if probe_kind is None else probe_kind == "conferrable", cache=probe_cache)
     loaded = [_load(uri, suspect_arch, device) for uri in suspects]
     verdicts: list[Verdict] = []
     by_suspect: dict[int, list[Verdict]] = {i: [] for i in range(len(suspects))}
@@ -213,6 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the probe (default 0)")
     parser.add_argument("--contrast", action="store_true", help="also report agreement on near-boundary points")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--probe-cache", default=None, metavar="DIR", help=PROBE_CACHE_HELP)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
@@ -240,6 +244,7 @@ def run(args: argparse.Namespace) -> VerifyReport:
         seed=args.seed,
         contrast=args.contrast,
         device=args.device,
+        probe_cache=cache_dir_option(args.probe_cache),
     )
 
 
@@ -282,7 +287,8 @@ def format_report(report: VerifyReport) -> str:
     shaped = s.get("shaped_by")
     if shaped:
         lines.append(f"  conferrable probe: shaped by {len(shaped['references'])} references and "
-                     f"{len(shaped['surrogates'])} surrogates ({', '.join(shaped['surrogates']) or 'none'})")
+                     f"{len(shaped['surrogates'])} surrogates ({', '.join(shaped['surrogates']) or 'none'})"
+                     + (f"; read from the probe cache in {shaped['cached']}" if shaped.get("cached") else ""))
         lines += [f"  skipped: {name}: {why}" for name, why in shaped["skipped"].items()]
     cal = s.get("calibration")
     if cal:

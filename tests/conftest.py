@@ -13,6 +13,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import build_library  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The commands' default probe cache, in a temporary folder (never the user's ~/.cache)."""
+    root = tmp_path_factory.mktemp("probe_cache")
+    os.environ["MODELHASH_PROBE_CACHE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def library(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Model folders by role; the root folder is `library["root"]`."""

@@ -211,7 +211,7 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     conferrable = tmp_path / "conferrable.parquet"
     references = {"orig": [*references["orig"], str(zoo["reference2"]), str(zoo["reference3"])]}
     summary = sweep(str(zoo["protected"]), str(zoo["index"]), str(conferrable), progress=False, verify_method="all",
-                    verify_references=references, **WIDE)
+                    verify_references=references, verify_probe_cache=str(tmp_path / "probes"), **WIDE)
     pairs = _by_match(conferrable)
     assert _one(pairs["finetuned"], "stage2_verdict") == "pirated"
     assert _one(pairs["homolog"], "stage2_verdict") != "pirated"
@@ -221,6 +221,16 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     assert len(calibrated["shaped_by"]["surrogates"]) == 2 and "no such file" in calibrated["skipped"][missing]
     assert calibrated["thresholds"] == "conferrable + per source"  # ddv is still calibrated on the reference
     assert "shaped a conferrable probe with 2 surrogates" in (tmp_path / "conferrable.summary.md").read_text()
+    assert "cached" not in calibrated["shaped_by"]
+    # The next sweep reads the protected model's probe from the cache: the same verdicts, no search.
+    again = sweep(str(zoo["protected"]), str(zoo["index"]), str(tmp_path / "again.parquet"), progress=False,
+                  verify_method="all", verify_references=references, verify_probe_cache=str(tmp_path / "probes"),
+                  **WIDE)
+    assert again.stage2_references[0]["shaped_by"]["cached"] == str(tmp_path / "probes")
+    assert "2 surrogates (read from the probe cache)" in (tmp_path / "again.summary.md").read_text()
+    again_pairs = _by_match(tmp_path / "again.parquet")
+    for name in ("finetuned", "homolog"):
+        assert _one(again_pairs[name], "stage2_score") == _one(pairs[name], "stage2_score")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"orig": "not a list"}))
     with pytest.raises(SourceError, match="list of URIs"):

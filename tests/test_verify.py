@@ -383,7 +383,34 @@ def test_conferrable_token_probe_and_surrogates(zoo):
     assert verify_pair(probe, load_runnable(zoo["gpt-renamed"]), "agreement").score == 1.0
 
 
-def test_cli_conferrable_by_default_with_references(zoo, capsys):
+def test_probe_cache_pays_the_search_once_and_survives_a_bad_entry(zoo, tmp_path, caplog):
+    from pipeline.verify.probe_cache import ProbeCache
+
+    source = load_runnable(zoo["source"])
+    refs = [_suspect(zoo, "homolog2")]
+    options = {"n": 20, "steps": 5, "references": refs, "conferrable": True}
+    first = make_probe(source, cache=tmp_path, **options)
+    entries = list(tmp_path.glob("*.safetensors"))
+    assert len(entries) == 1 and "cached" not in first.shaped_by
+    again = make_probe(source, cache=ProbeCache(tmp_path), **options)
+    assert again.shaped_by["cached"] == str(tmp_path) and again.shaped_by["surrogates"] == first.shaped_by["surrogates"]
+    assert torch.equal(again.core.inputs, first.core.inputs) and torch.equal(again.core.labels, first.core.labels)
+    assert again.seconds < first.seconds and again.core.seconds == first.core.seconds  # the search's own time
+    # Anything that decides the points makes a new entry: another reference, another seed, other weights.
+    make_probe(source, cache=tmp_path, **{**options, "references": [_suspect(zoo, "homolog3")]})
+    make_probe(source, cache=tmp_path, seed=1, **options)
+    make_probe(_suspect(zoo, "finetuned"), cache=tmp_path, **options)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    # A truncated entry is a miss: logged, searched again, rewritten.
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        redone = make_probe(source, cache=tmp_path, **options)
+    assert "unreadable" in caplog.text and "cached" not in redone.shaped_by
+    assert torch.equal(redone.core.inputs, first.core.inputs)
+    assert make_probe(source, cache=tmp_path, **options).shaped_by["cached"]
+
+
+def test_cli_conferrable_by_default_with_references(zoo, capsys, probe_cache):
     rc = cli_main(["verify", zoo["source"], zoo["finetuned"], zoo["homolog"], "--reference", zoo["homolog2"],
                    "--reference", zoo["homolog3"], "--reference", zoo["homolog4"], "--seeds", zoo["seeds"],
                    "--points", "60", "--method", "all"])
@@ -392,6 +419,14 @@ def test_cli_conferrable_by_default_with_references(zoo, capsys):
     assert "60 conferrable points" in out and "conferrable probe: shaped by 3 references and 2 surrogates" in out
     assert "conferrable (global: the references shaped the probe) (shaped by 3 references)" in out
     assert "per-source thresholds, ddv" in out
+    assert "probe cache" not in out
+    # Asked again, the command reads the probe from its default cache; --probe-cache off searches anew.
+    args = ["verify", zoo["source"], zoo["finetuned"], "--reference", zoo["homolog2"], "--reference", zoo["homolog3"],
+            "--reference", zoo["homolog4"], "--seeds", zoo["seeds"], "--points", "60"]
+    assert cli_main(args) == 0
+    assert f"read from the probe cache in {probe_cache}" in capsys.readouterr().out
+    assert cli_main([*args, "--probe-cache", "off"]) == 0
+    assert "probe cache" not in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------- loading

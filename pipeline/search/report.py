@@ -255,7 +255,8 @@ class SweepSummary:
             shaped = r.get("shaped_by")
             lines.append(f"- stage 2 references of {r['protected']}: "
                          + (f"{len(shaped['references'])} of {r['given']} shaped a conferrable probe with "
-                            f"{len(shaped['surrogates'])} surrogates, " if shaped else "")
+                            f"{len(shaped['surrogates'])} surrogates"
+                            + (" (read from the probe cache)" if shaped.get("cached") else "") + ", " if shaped else "")
                          + f"{len(r['references'])} of {r['given']} scored, {r['thresholds']} thresholds"
                          + "".join(f"; skipped {name}: {why}" for name, why in r["skipped"].items()))
         for f in self.failed:

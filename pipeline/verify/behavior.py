@@ -43,6 +43,7 @@ by agreement; cross-architecture students and label-only extractions remain the 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,6 +64,7 @@ from pipeline.verify.core_points import (
     require_labels,
     token_pool,
 )
+from pipeline.verify.probe_cache import ProbeCache
 from pipeline.verify.runnable import RunnableModel, load_runnable
 from pipeline.verify.surrogates import distil_surrogates
 
@@ -337,6 +339,7 @@ def make_probe(
     references: Mapping[str, RunnableModel | BaseException | str] | Sequence[RunnableModel] | None = None,
     surrogates: Sequence[RunnableModel] | None = None,
     conferrable: bool | None = None,
+    cache: ProbeCache | str | os.PathLike[str] | None = None,
 ) -> Probe:
     """Core points, the source's outputs on them, and ddv pairs: the source's side of every method.
 
@@ -346,6 +349,9 @@ def make_probe(
     agreement `agreement` reports beside the core points' (DeepCore's contrast). `n`, `steps`, `seed`,
     `confidence`, `step`: as `core_points`. `references`: homologs the owner trained apart from the
     source; the probe then carries their `calibrate` (per-source thresholds), which `verify_pair` uses.
+    `cache` (a `ProbeCache` or its folder): conferrable core points are looked up there by what makes
+    them (the models' weights, the seeds, the options) and stored after a search; `shaped_by["cached"]`
+    says when they came from it.
 
     Raises:
         VerifyError: the source cannot run on its input domain, or outputs NaN (a reference that cannot
@@ -360,16 +366,22 @@ def make_probe(
         if not usable:
             raise VerifyError("a conferrable probe needs a homolog reference that takes the source's inputs and "
                               f"labels{_skipped_note(skipped)}")
-        if surrogates is None:
-            try:
-                surrogates = distil_surrogates(source, seeds=seeds, seed=seed)
-            except VerifyError as exc:  # the references alone still shape the probe
-                surrogates, skipped["surrogates"] = [], _reason(exc)
-        kept, skipped_surrogates = _comparable(source, list(surrogates))
-        skipped.update(skipped_surrogates)
-        core = conferrable_points(source, list(usable.values()), list(kept.values()), seeds=seeds, n=n,
-                                  steps=steps, seed=seed, step=step)
-        shaped_by = {"references": list(usable), "surrogates": list(kept), "skipped": skipped}
+        cache = ProbeCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
+        key = cache.key(source, list(usable.values()), surrogates, seeds,
+                        {"n": n, "steps": steps, "seed": seed, "step": step}) if cache is not None else ""
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:  # the search ran before on these very models, seeds and options
+            core, made = hit
+            core = replace(core, inputs=core.inputs.to(source.device), labels=core.labels.to(source.device),
+                           confidence=core.confidence.to(source.device))
+            shaped_by = {"references": list(usable), "surrogates": made.get("surrogates", []),
+                         "skipped": {**skipped, **made.get("skipped", {})}, "cached": str(cache.root)}
+        else:
+            core, shaped_by = _conferrable(source, usable, surrogates, seeds=seeds, n=n, steps=steps, seed=seed,
+                                           step=step)
+            if cache is not None:
+                cache.put(key, core, {"surrogates": shaped_by["surrogates"], "skipped": shaped_by["skipped"]})
+            shaped_by["skipped"] = {**skipped, **shaped_by["skipped"]}
     elif source.outputs == "labels":
         core = core_points(source, seeds=seeds, n=n, steps=steps, seed=seed, confidence=confidence, step=step)
     if source.outputs == "labels" and contrast:
@@ -393,6 +405,26 @@ def make_probe(
     # calibrate on them.
     methods = ("ddv",) if conferrable else tuple(_PAIR_METHODS)
     return replace(probe, calibration=calibrate(probe, references, methods=methods))
+
+
+def _conferrable(
+    source: RunnableModel,
+    usable: Mapping[str, RunnableModel],
+    surrogates: Sequence[RunnableModel] | None,
+    **options: Any,
+) -> tuple[CorePoints, dict[str, Any]]:
+    """The conferrable search, with the surrogates distilled first when none are given; what shaped it
+    (its `skipped` holds the surrogates that could not: the references' are the caller's)."""
+    skipped: dict[str, str] = {}
+    if surrogates is None:
+        try:
+            surrogates = distil_surrogates(source, seeds=options["seeds"], seed=options["seed"])
+        except VerifyError as exc:  # the references alone still shape the probe
+            surrogates, skipped["surrogates"] = [], _reason(exc)
+    kept, unusable = _comparable(source, list(surrogates))
+    skipped.update(unusable)
+    core = conferrable_points(source, list(usable.values()), list(kept.values()), **options)
+    return core, {"references": list(usable), "surrogates": list(kept), "skipped": skipped}
 
 
 def _comparable(source: RunnableModel, models: Models | None) -> tuple[dict[str, RunnableModel], dict[str, str]]:
