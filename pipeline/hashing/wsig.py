@@ -294,6 +294,7 @@ def _top(w: torch.Tensor, keep: float) -> torch.Tensor:
         torch.abs(w, out=magnitude)
     return w.mul_(magnitude.gt_(cut))
 
+
 def _balance(w: torch.Tensor, iterations: int = 12) -> torch.Tensor:
     """Scale rows (output units) and columns (input units) alike until their norms agree (Sinkhorn).
 
@@ -311,6 +312,7 @@ def _balance(w: torch.Tensor, iterations: int = 12) -> torch.Tensor:
     alive_r &= (energy @ alive_c.to(w.dtype)) > 0
     every = bool(alive_r.all()) and bool(alive_c.all())
     live = energy if every else energy[alive_r][:, alive_c]
+    a = torch.ones(live.shape[0], dtype=w.dtype, device=w.device)
     b = torch.ones(live.shape[1], dtype=w.dtype, device=w.device)
     for _ in range(iterations):
         a = torch.reciprocal(torch.mv(live, b))
