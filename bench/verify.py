@@ -23,7 +23,7 @@ Four probes, for contrast: core points grown from real inputs (the digits test s
 core points grown from generated inputs (Gaussian draws, no data), near-boundary points from the real
 inputs (what IPGuard-style fingerprints use; DeepCore's argument is that homologs part there), and the
 conferrable probe (`conferrable-real`, the default when references are given): points grown from the
-real inputs that the source and two surrogates distilled from it label alike and three homolog references
+real inputs that the source and four surrogates distilled from it label alike and three homolog references
 (the architecture's extra seeds, then no suspects) do not. For that probe, `METHOD+stage1` also judges
 each pair with the default weight hash's verdict: a stage-1 copy is pirated whatever its behaviour.
 
@@ -580,9 +580,10 @@ def _render_conferrable(reports: dict[tuple[str, str], Report], manifest: dict) 
         "The default probe when three references or more are given (pipeline/verify/behavior.py `make_probe`). "
         "Each source's "
         f"probe is shaped by {'/'.join(map(str, sorted(shaping)))} homolog references (its architecture's extra "
-        "seeds, `homolog-seed`) and two surrogates the library distils from the source on the seeds (soft "
-        "labels, top-1 labels: `pipeline.verify.surrogates`): points the source and the surrogates label alike "
-        "and the references do not (`conferrable_points`). The shaping references are no suspects here; every "
+        "seeds, `homolog-seed`) and four surrogates the library distils from the source on the seeds (soft "
+        "labels and top-1 labels, two rounds: `pipeline.verify.surrogates`): points the source and the "
+        "surrogates label alike and the references do not (`conferrable_points`). `agreement` is scored with "
+        "the suspect's class prior divided out (`prior_corrected`). The shaping references are no suspects here; every "
         f"other pair is as above. Thresholds: CONFERRABLE_THRESHOLDS ({cuts}); `ddv`, whose input pairs the "
         "references do not shape, keeps per-source thresholds calibrated on them. `METHOD+stage1`: both stages "
         "together, as a sweep reports a pair: one the default weight hash calls a copy (the whole model or a block "

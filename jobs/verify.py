@@ -198,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--surrogate", action="append", default=[], metavar="PATH",
         help="a copy of the source the owner made (distilled, extracted; repeatable) to shape a conferrable probe; "
-        "default: two are distilled from the source on the seeds",
+        "default: four are distilled from the source on the seeds (soft and top-1 labels, two rounds)",
     )
     parser.add_argument(
         "--probe", default=None, choices=["conferrable", "core"],

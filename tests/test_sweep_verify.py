@@ -218,16 +218,16 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     assert _one(pairs["finetuned"], "stage2_score") > _one(pairs["homolog"], "stage2_score")
     (calibrated,) = summary.stage2_references
     assert calibrated["shaped_by"]["references"] == [str(zoo[r]) for r in ("reference", "reference2", "reference3")]
-    assert len(calibrated["shaped_by"]["surrogates"]) == 2 and "no such file" in calibrated["skipped"][missing]
+    assert len(calibrated["shaped_by"]["surrogates"]) == 4 and "no such file" in calibrated["skipped"][missing]
     assert calibrated["thresholds"] == "conferrable + per source"  # ddv is still calibrated on the reference
-    assert "shaped a conferrable probe with 2 surrogates" in (tmp_path / "conferrable.summary.md").read_text()
+    assert "shaped a conferrable probe with 4 surrogates" in (tmp_path / "conferrable.summary.md").read_text()
     assert "cached" not in calibrated["shaped_by"]
     # The next sweep reads the protected model's probe from the cache: the same verdicts, no search.
     again = sweep(str(zoo["protected"]), str(zoo["index"]), str(tmp_path / "again.parquet"), progress=False,
                   verify_method="all", verify_references=references, verify_probe_cache=str(tmp_path / "probes"),
                   **WIDE)
     assert again.stage2_references[0]["shaped_by"]["cached"] == str(tmp_path / "probes")
-    assert "2 surrogates (read from the probe cache)" in (tmp_path / "again.summary.md").read_text()
+    assert "4 surrogates (read from the probe cache)" in (tmp_path / "again.summary.md").read_text()
     again_pairs = _by_match(tmp_path / "again.parquet")
     for name in ("finetuned", "homolog"):
         assert _one(again_pairs[name], "stage2_score") == _one(pairs[name], "stage2_score")

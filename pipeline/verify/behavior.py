@@ -153,20 +153,23 @@ THRESHOLDS: dict[str, Thresholds] = {
 }
 # On a conferrable probe (references and surrogates shaped it: `make_probe`) the label methods have their
 # own scale: the references' scores on it are low by construction, so they cannot calibrate it, and these
-# global cuts judge instead. Chosen on bench/verify_zoo.py's zoo, each probe shaped by 3 references: unseen
-# same-data homologs agreed on at most 0.61 of the points (Jensen-Shannon at least 0.32 bits), copies
-# fine-tuned or lightly pruned on 0.9-1.0, distilled ones on 0.6-0.99; a cut chosen on the seed-0 sources
-# alone (0.61) kept every held-out homolog out. `unrelated` sits below the same-data homologs (0.08 at the
-# least); models of other tasks scored 0.02-0.23. Fewer references leave homologs closer (see
-# CONFERRABLE_MIN_REFERENCES), so the pirated cut keeps a margin. bench/verify.py measures them.
+# global cuts judge instead. Chosen on bench/verify_zoo.py's zoo, each probe shaped by 3 references and 4
+# surrogates, `agreement` scored with the suspect's class prior divided out (`prior_corrected`): unseen
+# same-data homologs and their copies agreed on at most 0.71 of the points (one extracted student of a
+# homolog; the next 0.66), other architectures on the same data on at most 0.44, copies fine-tuned or
+# lightly pruned on 0.9-1.0, distilled and extracted ones on 0.33-1.0; 0.75 keeps a margin over the
+# homologs (a cut chosen on the seed-0 sources alone was 0.64: bench/verify.py's held-out table). `distance`
+# (Jensen-Shannon, raw): homologs at least 0.32 bits. `unrelated`: models of other tasks scored 0.005-0.31,
+# homologs 0.12 at the least. Fewer references leave homologs closer (see CONFERRABLE_MIN_REFERENCES).
 CONFERRABLE_THRESHOLDS: dict[str, Thresholds] = {
-    "agreement": Thresholds(pirated=0.7, unrelated=0.05),
+    "agreement": Thresholds(pirated=0.75, unrelated=0.05),
     "distance": Thresholds(pirated=0.25, unrelated=0.8, higher_is_closer=False),
 }
 # A probe shaped by few references rejects them but generalizes poorly: on the zoo, with 2 references per
-# source 4.2% of the unseen homologs (9/216) reached CONFERRABLE_THRESHOLDS, with 3 none (0/207); on the
-# tests' MLPs one reference left a homolog at 0.75. With fewer usable references than this, `make_probe`
-# keeps DeepCore's core points and calibrates on them.
+# source 4.2% of the unseen homologs (9/216) reached CONFERRABLE_THRESHOLDS, with 3 none (0/207; both with
+# two surrogates and the raw agreement, then shipped at 0.7); on the tests' MLPs one reference left a homolog
+# at 0.75. With fewer usable references than this, `make_probe` keeps DeepCore's core points and calibrates
+# on them.
 CONFERRABLE_MIN_REFERENCES = 3
 # The probe's ddv input pairs.
 DDV_PAIRS = 100
@@ -523,11 +526,12 @@ def prior_corrected(probs: torch.Tensor) -> torch.Tensor:
     preferences, which still follow the source's, while its raw argmax collapses onto the favoured classes;
     an independent model's preferences do not follow the source's either way.
 
-    Evidence only (`prior_agreement`), not the score: on the zoo's conferrable probes, scoring by it lifted
-    pruned copies (80% pruning: AUC 0.816 -> 0.888 vs homologs, misses 8/9 -> 4/9) and the pooled AUC
-    (0.930 -> 0.936) at no cost in false identification, but lost distilled and extracted copies (misses
-    17 -> 20 of 27), the ones stage 1 cannot see: with both stages, one more copy went unnamed (22 -> 23
-    of 81). A high prior_agreement beside a low agreement points at a tilted copy of the source.
+    On a conferrable probe, agreement after this correction (`prior_agreement`) is the score. On the zoo's
+    probes with four surrogates it ranked copies above homologs at AUC 0.955 against 0.931 for the raw
+    agreement (80% pruning 0.73 -> 0.88, the rest level). With two surrogates it had lifted pruned copies
+    but lost distilled and extracted ones (misses 17 -> 20 of 27), so it stayed evidence then: the second
+    round of surrogates (`surrogates.SURROGATE_ROUNDS`) is what made it pay. The raw agreement stays in
+    the evidence; a high prior_agreement beside a low agreement points at a tilted copy of the source.
     """
     corrected = probs / probs.mean(dim=0, keepdim=True).clamp_min(1e-12)
     return corrected / corrected.sum(dim=1, keepdim=True)
@@ -545,8 +549,9 @@ def _agreement(probe: Probe, suspect: RunnableModel) -> tuple[float, dict[str, A
         "source_confidence": round(float(core.confidence.mean()), 4),
         "suspect_confidence": round(float(probs.gather(1, labels[:, None]).mean()), 4),
     }
-    if probe.shaped_by is not None:  # labels spread evenly over the classes: see prior_corrected
-        evidence["prior_agreement"] = round(float((prior_corrected(probs).argmax(dim=1) == labels).float().mean()), 4)
+    if probe.shaped_by is not None:  # labels spread evenly over the classes: the score is prior_corrected's
+        agree = float((prior_corrected(probs).argmax(dim=1) == labels).float().mean())
+        evidence["prior_agreement"] = round(agree, 4)
     if probe.boundary is not None:
         b = suspect.probs(_inputs_for(probe, suspect, probe.boundary.inputs)).argmax(dim=1).to(probe.source.device)
         evidence["boundary_agreement"] = round(float((b == probe.boundary.labels).float().mean()), 4)
