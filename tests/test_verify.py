@@ -410,6 +410,12 @@ def test_probe_cache_pays_the_search_once_and_survives_a_bad_entry(zoo, tmp_path
     assert "unreadable" in caplog.text and "cached" not in redone.shaped_by
     assert torch.equal(redone.core.inputs, first.core.inputs)
     assert make_probe(source, cache=tmp_path, **options).shaped_by["cached"]
+    # A cache that cannot be written to costs the next query a search, never this one its probe.
+    (tmp_path / "file").write_text("not a folder")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        unstored = make_probe(source, cache=tmp_path / "file" / "probes", **options)
+    assert "cannot store" in caplog.text and torch.equal(unstored.core.inputs, first.core.inputs)
 
 
 def test_cli_conferrable_by_default_with_references(zoo, capsys, probe_cache):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -76,8 +77,12 @@ def model_digest(model: RunnableModel) -> str:
 
 @functools.cache
 def _code_digest() -> str:
-    """The source text of the search and the surrogates: a change to either invalidates every entry."""
-    text = inspect.getsource(_core_points_module) + inspect.getsource(_surrogates_module)
+    """The source text of the search and the surrogates: a change to either invalidates every entry (where
+    the source is not installed, the package's version stands in for it)."""
+    try:
+        text = inspect.getsource(_core_points_module) + inspect.getsource(_surrogates_module)
+    except (OSError, TypeError):
+        text = "modelhash " + importlib.metadata.version("modelhash")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -135,8 +140,16 @@ class ProbeCache:
             return None
         return core, meta.get("extra", {})
 
-    def put(self, key: str, core: CorePoints, extra: dict[str, Any]) -> Path:
-        """Store the points (atomically: a temporary file renamed over the entry)."""
+    def put(self, key: str, core: CorePoints, extra: dict[str, Any]) -> Path | None:
+        """Store the points (atomically: a temporary file renamed over the entry). A cache that cannot be
+        written to is logged and skipped: the probe in hand is as good, the next query searches again."""
+        try:
+            return self._write(key, core, extra)
+        except OSError as exc:
+            log.warning("probe cache %s cannot store an entry (%s): the probe is not kept", self.root, exc)
+            return None
+
+    def _write(self, key: str, core: CorePoints, extra: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         meta = {"variant": core.variant, "seconds": core.seconds, "extra": extra}
         tensors = {"inputs": core.inputs.detach().cpu().contiguous(), "labels": core.labels.detach().cpu().contiguous(),
