@@ -35,7 +35,7 @@ SURROGATE_KINDS = ("soft", "labels")
 # On the zoo (bench/verify.py, conferrable probes scored by prior-corrected agreement): two rounds of both
 # kinds against one took the AUC of copies vs homologs from 0.936 to 0.955 (cross-architecture students
 # 0.81 -> 0.89, label-only extractions 0.79 -> 0.83) and the misses at the cut from 27 to 21 of 81; the
-# search costs half as much again (a CNN's probe ~215 s against ~130 s on one CPU thread).
+# search costs about 40% more (a CNN's probe 185 s against 131 s, median wall on one CPU thread).
 SURROGATE_ROUNDS = 2
 # Adam steps of SURROGATE_BATCH inputs: on the digits zoo the students reach the source's test accuracy
 # within a point (MLP, CNN, ResNet), and a CNN surrogate costs about 10 s on one CPU thread.
