@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import save_model
 
 from bench.quality_zoo import bnfold, permute, rescale, verify
+from bench.zoo import prune_magnitude
 from pipeline.errors import HashingError
 from pipeline.hashing import get_spec
+from pipeline.hashing.magnitude import largest, magnitude_code, usable
 from pipeline.hashing.model import hash_model
-from pipeline.hashing.wsig import WSigSpec
+from pipeline.hashing.wsig import MAGNITUDE_SUFFIX, WSigSpec
 from pipeline.search.hamming import distance
 from pipeline.sources import resolve_model
 from pipeline.verify.archs import DigitsCNN, DigitsMLP, DigitsResNet, TinyGPT
@@ -151,3 +154,47 @@ def test_top_keeps_the_largest_fraction_unchanged():
     assert int(nonzero.sum()) == round(0.3 * w.numel())
     assert torch.equal(kept[nonzero], w[nonzero])
     assert w.abs()[nonzero].min() > w.abs()[~nonzero].max()
+
+
+def _magnitude_parts(result) -> dict[str, bytes]:
+    return {n: c for n, c in result.code.parts if n.endswith(MAGNITUDE_SUFFIX)}
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet", "gpt"])
+def test_heavily_pruned_and_permuted_copies_keep_their_exact_weight_codes(tmp_path, arch):
+    sd = state(arch, 0)
+    pruned = prune_magnitude(sd, 0.8)
+    shuffled = permute(arch, prune_magnitude(sd, 0.85), 3)  # pruned harder, and its units permuted
+    globally = dict(sd)  # global pruning: one cut over every matrix (the largest survive it too)
+    matrices = [k for k, v in sd.items() if v.ndim >= 2]
+    cut = torch.cat([sd[k].abs().flatten() for k in matrices]).quantile(0.8)
+    globally.update({k: sd[k] * (sd[k].abs() > cut) for k in matrices})
+    a = _magnitude_parts(code(tmp_path, "a", sd))
+    assert len(a) >= 2
+    for name, copy in (("pruned", pruned), ("shuffled", shuffled), ("global", globally)):
+        b = _magnitude_parts(code(tmp_path, name, copy))
+        matched = [n for n in a if n in b and distance(a[n], b[n]) == 0]
+        assert matched, name
+        if name != "global":  # tensor by tensor: every block keeps its code
+            assert matched == list(a), name
+    homolog = _magnitude_parts(code(tmp_path, "h", state(arch, 1)))
+    assert all(distance(a[n], homolog[n]) > SPEC.thresholds.copy + 20 for n in a if n in homolog)
+
+
+def test_half_precision_and_quantized_tensors_get_no_exact_weight_code(tmp_path):
+    sd = state("mlp", 0)
+    assert _magnitude_parts(code(tmp_path, "f32", sd))
+    assert not _magnitude_parts(code(tmp_path, "f16", {k: v.half() for k, v in sd.items()}))
+    grid = {k: (v / v.abs().max() * 127).round() / 127 * v.abs().max() for k, v in sd.items()}  # int8 steps
+    assert not _magnitude_parts(code(tmp_path, "int8", grid))
+
+
+def test_magnitude_code_needs_enough_distinct_values():
+    gen = np.random.default_rng(0)
+    values = gen.standard_normal(5000)
+    tops = [largest(values, 256)]
+    assert len(magnitude_code(tops, 256)) == 32
+    assert magnitude_code([largest(values[:100], 256)], 256) is None  # fewer values than the code needs
+    assert magnitude_code([largest(np.round(values * 20) / 20, 256)], 256) is None  # a grid: spacings tie
+    assert magnitude_code([largest(-values[::-1], 256)], 256) == magnitude_code(tops, 256)  # order, sign
+    assert not usable("BF16", 10**6, 256) and not usable("F32", 1000, 256) and usable("F32", 10**5, 256)

@@ -26,7 +26,9 @@ homologs apart.
 Code: SimHash (random hyperplanes fixed by the feature length) of the concatenated summaries. Per-block
 `parts` codes do the same over each repeated block (`h.3`, `layer1.0`, `_blocks.5`, `fc2`), leaving out a
 first layer on the input, which learns what the data holds much as its homologs' first layers do; a
-backbone under a new head is found through its blocks.
+backbone under a new head is found through its blocks. Each block with float32 tensors large enough also
+gets an exact-weight code, `block#mag` (`magnitude.py`): its largest magnitudes, which magnitude pruning
+keeps verbatim, so an 80%-pruned copy whose products have moved too far is found there.
 
 A transformer layer that reads the residual stream (q, k, v, MLP up, pooler, heads) is a root in the
 stream's basis; GPT-2 `Conv1D` weights are transposed and `c_attn` split into q, k, v first. Token and
@@ -63,9 +65,11 @@ from pipeline.hashing.canonical import (
     reads_stream,
     weight_matrices,
 )
+from pipeline.hashing.magnitude import largest, magnitude_code, usable
 from pipeline.hashing.spec import ModelCode, Thresholds
 
 _EPS = 1e-12
+MAGNITUDE_SUFFIX = "#mag"  # a block's exact-weight code: `layer2.0#mag` beside `layer2.0`
 COPY_BITS = 58
 RELATED_BITS = 62
 
@@ -92,6 +96,7 @@ class WSigSpec:
     decay: float = 0.6  # weight of a layer's summary per step of depth along its chain
     min_units: int = 16  # narrower layers (heads of a few classes) are chained through, not summarized
     max_values: int = 4_000_000  # weight values read per model (16 MB of float32), whatever its size
+    magnitude_bits: int = 256  # per-block exact-weight codes (`magnitude.py`) beside the parts; 0: none
     device: str = "cpu"  # where the torch kernels run; not part of the name (same code)
     # Calibrated on the quality zoo (bench/quality.py): its calibration split (seed-0 and seed-1 lineages
     # and the pretrained models) allows copy <= 59 bits at a false-positive rate <= 0.1%, homologs
@@ -102,14 +107,14 @@ class WSigSpec:
     def name(self) -> str:
         return (
             f"wsig-v1:bits={self.bits},m={self.m},keep={self.keep:g},soft={self.soft:g},decay={self.decay:g},"
-            f"min_units={self.min_units},max_values={self.max_values}"
+            f"min_units={self.min_units},max_values={self.max_values},mag={self.magnitude_bits}"
         )
 
     def compute(self, directory: TensorDirectory) -> ModelCode:
         layers = self._plan(directory)
         if not layers:
             raise HashingError("no weight matrices (floating tensors of 2+ dimensions) to hash")
-        features = self._features(directory, layers)
+        features, tops = self._features(directory, layers)
         if not features:
             raise HashingError("no layer with two or more units to hash")
         code = self._simhash(np.concatenate([f for _, f, _ in features]), salt="model")
@@ -122,6 +127,8 @@ class WSigSpec:
         parts = tuple(
             (block, self._simhash(np.concatenate(fs), salt="part")) for block, fs in blocks.items()
         ) if len(blocks) > 1 or len(features) > len(blocks) else ()
+        exact = ((f"{block}{MAGNITUDE_SUFFIX}", magnitude_code(t, self.magnitude_bits)) for block, t in tops.items())
+        parts += tuple((name, c) for name, c in exact if c is not None)
         return ModelCode(spec=self.name, code=code, parts=parts)
 
     # ------------------------------------------------------------------------------------ planning
@@ -161,13 +168,19 @@ class WSigSpec:
 
     # ------------------------------------------------------------------------------------ features
 
-    def _read(self, directory: TensorDirectory, layer: _Layer, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _read(self, directory: TensorDirectory, layer: _Layer, cache: dict[str, torch.Tensor],
+              tops: dict[str, list[np.ndarray]]) -> torch.Tensor:
+        """The layer's weights as (out, in, kernel offsets); a fresh read adds its largest magnitudes to
+        `tops` under its block, where the magnitude code can use them."""
         w = cache.get(layer.entry.name)
         if w is None:  # a fused tensor is read once for its splits
-            values = directory.read(layer.entry.name, rows=layer.rows).astype(np.float64)
+            raw = directory.read(layer.entry.name, rows=layer.rows)
+            values = raw.astype(np.float64)
             # One float64 sum is non-finite iff some value is (finite float32s cannot overflow it).
             if not np.isfinite(values.sum()):
                 raise HashingError(f"tensor {layer.entry.name} holds NaN or Inf values")
+            if self.magnitude_bits and usable(layer.entry.dtype, raw.size, self.magnitude_bits):
+                tops.setdefault(part_of(layer.name), []).append(largest(raw, self.magnitude_bits))
             w = cache[layer.entry.name] = torch.from_numpy(values).to(self.device)
         if layer.transposed and w.ndim == 2:
             w = w.T
@@ -175,15 +188,19 @@ class WSigSpec:
             w = w[layer.split[0]:layer.split[1]]
         return w.reshape(w.shape[0], w.shape[1], -1)  # (out, in, kernel offsets)
 
-    def _features(self, directory: TensorDirectory, layers: list[_Layer]) -> list[tuple[str, np.ndarray, bool]]:
+    def _features(self, directory: TensorDirectory, layers: list[_Layer]
+                  ) -> tuple[list[tuple[str, np.ndarray, bool]], dict[str, list[np.ndarray]]]:
+        """Each summarized layer's (name, weighted summary, whether it is a root on the input), and each
+        block's largest magnitudes."""
         transformer = looks_like_transformer(layer.name for layer in layers)
         chains: list[tuple[int, torch.Tensor, int]] = []  # (out units, P, depth) of every layer so far
         features: list[tuple[str, np.ndarray, bool]] = []
         cache: dict[str, torch.Tensor] = {}
+        tops: dict[str, list[np.ndarray]] = {}
         for layer in layers:
             if layer.split is None:
                 cache.clear()
-            w = self._read(directory, layer, cache)
+            w = self._read(directory, layer, cache, tops)
             out, fan_in, k = w.shape
             if w.numel() == 0:
                 continue
@@ -201,7 +218,7 @@ class WSigSpec:
                 # Deeper along a chain, float noise has been through more products: it weighs less.
                 input_root = prev is None and not transformer
                 features.append((layer.name, self._summary(p) * self.decay**depth, input_root))
-        return features
+        return features, tops
 
     @staticmethod
     def _predecessor(
