@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bench.results import read_section, write_section
+from bench.results import cpu_model, read_section, write_section
 from pipeline.index import store
 from pipeline.index.reader import IndexReader
 from pipeline.index.schema import SCHEMA
@@ -116,14 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def _machine(faiss) -> list[str]:
     import numba
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vpopcntdq") if f" {f}" in flags) or "none"
     return [

