@@ -385,6 +385,70 @@ def test_conferrable_token_probe_and_surrogates(zoo):
     assert verify_pair(probe, load_runnable(zoo["gpt-renamed"]), "agreement").score == 1.0
 
 
+def test_conferrable_search_halves_its_pool_to_the_most_conferrable(zoo, monkeypatch):
+    from pipeline.verify import core_points as cp
+
+    source, refs, seeds = load_runnable(zoo["source"]), [_suspect(zoo, "homolog2")], np.load(zoo["seeds"])
+    searched, scored = [], []
+    loss, score = cp._Shaping.loss, cp._Shaping.score
+
+    def spy_loss(self, x, targets):
+        searched.append(x.detach().clone())
+        return loss(self, x, targets)
+
+    def spy_score(self, x, targets):
+        scored.append((x.clone(), score(self, x, targets)))
+        return scored[-1][1]
+
+    monkeypatch.setattr(cp._Shaping, "loss", spy_loss)
+    monkeypatch.setattr(cp._Shaping, "score", spy_score)
+    core = cp.conferrable_points(source, refs, seeds=seeds, n=10, steps=4, pool=4, halve=((0.5, 2),))
+    # 40 starts for two steps, then the 20 most conferrable for the other two, the 10 best of those kept.
+    assert [len(x) for x in searched] == [40, 40, 20, 20] and [len(x) for x, _ in scored] == [40, 20]
+    (at_cut, cut_scores), (at_end, end_scores) = scored
+    order = cut_scores.argsort(descending=True)
+    assert cut_scores[order[:20]].min() >= cut_scores[order[20:]].max()
+    assert torch.equal(searched[2], at_cut[order[:20]])
+    assert torch.equal(core.inputs, at_end[end_scores.argsort(descending=True)[:10]])
+    with pytest.raises(ValueError, match="halving"):
+        cp.conferrable_points(source, refs, n=10, steps=4, halve=((0.5, 8),))
+
+
+class _BranchyCNN(nn.Module):
+    """A BatchNorm CNN whose forward branches on its input's values: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x.reshape(-1, 1, 8, 8))))
+        return self.fc(h.flatten(1)) if float(x.detach().sum()) > -1e9 else self.fc(h.flatten(1)) * 0
+
+
+def test_search_runs_a_folded_channels_last_copy_with_the_same_outputs():
+    from pipeline.verify.archs import DigitsCNN, DigitsResNet
+    from pipeline.verify.core_points import _for_search
+    from pipeline.verify.runnable import InputDomain
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    for module in (DigitsCNN(), DigitsResNet(), _BranchyCNN()):
+        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):  # eval statistics not 0 / 1
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+        model = RunnableModel(module, InputDomain("continuous", (64,)), 10, name=type(module).__name__, arch="x")
+        run = _for_search(model, model.device)
+        inputs = x.clone().requires_grad_(True)
+        out = run(inputs)
+        assert torch.allclose(out, model.logits(x), atol=1e-4), model.name
+        (grad,) = torch.autograd.grad(out.sum(), inputs)  # the search's gradient flows to the inputs
+        assert grad.abs().sum() > 0
+        assert any(isinstance(m, nn.BatchNorm2d) for m in model.module.modules())  # the model is left as it was
+        assert not any(p.requires_grad for p in model.module.parameters())
+
+
 def test_probe_cache_pays_the_search_once_and_survives_a_bad_entry(zoo, tmp_path, caplog):
     from pipeline.verify.probe_cache import ProbeCache
 
