@@ -36,7 +36,14 @@ from pipeline.verify.behavior import (
     verify_group,
     verify_pair,
 )
-from pipeline.verify.core_points import CORE_POINTS, CORE_STEPS, TOKEN_POINTS, TOKEN_STEPS
+from pipeline.verify.core_points import (
+    CONFERRABLE_POINTS,
+    CONFERRABLE_STEPS,
+    CORE_POINTS,
+    CORE_STEPS,
+    TOKEN_POINTS,
+    TOKEN_STEPS,
+)
 from pipeline.verify.probe_cache import PROBE_CACHE_HELP, cache_dir_option
 from pipeline.verify.runnable import RunnableModel, load_runnable
 
@@ -210,9 +217,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "torchvision:NAME, timm:NAME, hf) when config.json does not say")
     parser.add_argument("--suspect-arch", default=None, help="the suspects' architecture, likewise")
     parser.add_argument("--points", type=int, default=None,
-                        help=f"core points (default {CORE_POINTS}; {TOKEN_POINTS} for token models)")
+                        help=f"core points (default {CORE_POINTS}, {CONFERRABLE_POINTS} on a conferrable probe; "
+                        f"{TOKEN_POINTS} for token models)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"search steps at most (default {CORE_STEPS}; {TOKEN_STEPS} for token models)")
+                        help=f"search steps (default {CORE_STEPS}, at most, and {CONFERRABLE_STEPS} on a conferrable "
+                        f"probe; {TOKEN_STEPS} for token models)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the probe (default 0)")
     parser.add_argument("--contrast", action="store_true", help="also report agreement on near-boundary points")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")

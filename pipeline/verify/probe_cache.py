@@ -1,7 +1,7 @@
 """Conferrable core points on disk, keyed by everything that made them.
 
 A conferrable probe costs tens of seconds on a CPU (the surrogates' distillation and the search: the
-verify zoo's small CNNs about 40 s on one thread), once per protected model; verifying a pair with it costs
+verify zoo's small CNNs about 25 s on one thread), once per protected model; verifying a pair with it costs
 milliseconds. A nightly sweep of a stable protected set, or
 the tenth "who copied this model?" about the same model, should pay the search once. The key is a digest
 of what decides the points: the source's and each reference's and given surrogate's weights (the tensors'
