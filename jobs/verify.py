@@ -95,6 +95,7 @@ def verify(
     contrast: bool = False,
     device: str = "cpu",
     probe_cache: str | None = None,
+    progress: bool = False,
 ) -> VerifyReport:
     """Build the source's probe once and judge every suspect by every method.
 
@@ -102,6 +103,7 @@ def verify(
     (the default with 3+ references: they and the `surrogates`, URIs, shape the core points) or "core"
     (DeepCore's core points; the references set per-source thresholds). `probe_cache`: a folder where a
     conferrable probe's core points are kept between runs (`pipeline.verify.probe_cache`); None: none.
+    `progress`: a bar on stderr, where it is a terminal, while a conferrable probe is searched.
 
     Raises:
         ModelhashError: the source cannot be loaded or run (the suspects' and references' failures are
@@ -112,7 +114,8 @@ def verify(
     given = [_reference(uri, arch, device) for uri in surrogates]
     probe = make_probe(model, seeds=seeds, n=n, steps=steps, seed=seed, contrast=contrast,
                        references=refs or None, surrogates=given or None,
-                       conferrable=None if probe_kind is None else probe_kind == "conferrable", cache=probe_cache)
+                       conferrable=None if probe_kind is None else probe_kind == "conferrable", cache=probe_cache,
+                       progress=progress)
     loaded = [_load(uri, suspect_arch, device) for uri in suspects]
     verdicts: list[Verdict] = []
     by_suspect: dict[int, list[Verdict]] = {i: [] for i in range(len(suspects))}
@@ -227,6 +230,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--probe-cache", default=None, metavar="DIR", help=PROBE_CACHE_HELP)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar on stderr while a conferrable probe is searched (none where stderr is "
+                        "no terminal)")
 
 
 def run(args: argparse.Namespace) -> VerifyReport:
@@ -254,6 +260,7 @@ def run(args: argparse.Namespace) -> VerifyReport:
         contrast=args.contrast,
         device=args.device,
         probe_cache=cache_dir_option(args.probe_cache),
+        progress=not args.no_progress,
     )
 
 

@@ -414,6 +414,22 @@ def test_conferrable_search_halves_its_pool_to_the_most_conferrable(zoo, monkeyp
         cp.conferrable_points(source, refs, n=10, steps=4, halve=((0.5, 8),))
 
 
+def test_probe_progress_counts_every_training_and_search_step(zoo, capsys):
+    from pipeline.verify import core_points as cp
+
+    source, refs, seeds = load_runnable(zoo["source"]), [_suspect(zoo, "homolog2")], np.load(zoo["seeds"])
+    trained, searched = [], []
+    students = distil_surrogates(source, seeds=seeds, steps=3, rounds=2, progress=trained.append)
+    assert sum(trained) == 2 * 2 * 3 and len(students) == 4
+    cp.conferrable_points(source, refs, students, seeds=seeds, n=5, steps=4, progress=searched.append)
+    assert sum(searched) == 4
+    # Asked for on the CLI's behalf: no bar where stderr is no terminal, and the same probe.
+    options = {"seeds": seeds, "n": 5, "steps": 4, "references": refs, "surrogates": students, "conferrable": True}
+    shown, quiet = make_probe(source, **options, progress=True), make_probe(source, **options)
+    assert torch.equal(shown.core.inputs, quiet.core.inputs)
+    assert "conferrable probe" not in capsys.readouterr().err
+
+
 class _BranchyCNN(nn.Module):
     """A BatchNorm CNN whose forward branches on its input's values: torch.fx cannot trace it."""
 

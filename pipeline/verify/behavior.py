@@ -44,6 +44,7 @@ by agreement; cross-architecture students and label-only extractions remain the 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -52,11 +53,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipeline.errors import VerifyError
 from pipeline.verify.core_points import (
+    CONFERRABLE_STEPS,
     CORE_CONFIDENCE,
     CORE_STEP,
+    TOKEN_STEPS,
     CorePoints,
     conferrable_points,
     core_points,
@@ -66,7 +70,7 @@ from pipeline.verify.core_points import (
 )
 from pipeline.verify.probe_cache import ProbeCache
 from pipeline.verify.runnable import RunnableModel, load_runnable
-from pipeline.verify.surrogates import distil_surrogates
+from pipeline.verify.surrogates import SURROGATE_KINDS, SURROGATE_ROUNDS, SURROGATE_STEPS, distil_surrogates
 
 __all__ = [
     "MARGINS",
@@ -343,6 +347,7 @@ def make_probe(
     surrogates: Sequence[RunnableModel] | None = None,
     conferrable: bool | None = None,
     cache: ProbeCache | str | os.PathLike[str] | None = None,
+    progress: bool = False,
 ) -> Probe:
     """Core points, the source's outputs on them, and ddv pairs: the source's side of every method.
 
@@ -354,7 +359,8 @@ def make_probe(
     source; the probe then carries their `calibrate` (per-source thresholds), which `verify_pair` uses.
     `cache` (a `ProbeCache` or its folder): conferrable core points are looked up there by what makes
     them (the models' weights, the seeds, the options) and stored after a search; `shaped_by["cached"]`
-    says when they came from it.
+    says when they came from it. `progress`: a bar on stderr (where it is a terminal) over the conferrable
+    search and the surrogates' training, the part of a probe that takes seconds to minutes.
 
     Raises:
         VerifyError: the source cannot run on its input domain, or outputs NaN (a reference that cannot
@@ -380,8 +386,8 @@ def make_probe(
             shaped_by = {"references": list(usable), "surrogates": made.get("surrogates", []),
                          "skipped": {**skipped, **made.get("skipped", {})}, "cached": str(cache.root)}
         else:
-            core, shaped_by = _conferrable(source, usable, surrogates, seeds=seeds, n=n, steps=steps, seed=seed,
-                                           step=step)
+            core, shaped_by = _conferrable(source, usable, surrogates, progress, seeds=seeds, n=n, steps=steps,
+                                           seed=seed, step=step)
             if cache is not None:
                 cache.put(key, core, {"surrogates": shaped_by["surrogates"], "skipped": shaped_by["skipped"]})
             shaped_by["skipped"] = {**skipped, **shaped_by["skipped"]}
@@ -414,19 +420,27 @@ def _conferrable(
     source: RunnableModel,
     usable: Mapping[str, RunnableModel],
     surrogates: Sequence[RunnableModel] | None,
+    progress: bool,
     **options: Any,
 ) -> tuple[CorePoints, dict[str, Any]]:
     """The conferrable search, with the surrogates distilled first when none are given; what shaped it
     (its `skipped` holds the surrogates that could not: the references' are the caller's)."""
     skipped: dict[str, str] = {}
-    if surrogates is None:
-        try:
-            surrogates = distil_surrogates(source, seeds=options["seeds"], seed=options["seed"])
-        except VerifyError as exc:  # the references alone still shape the probe
-            surrogates, skipped["surrogates"] = [], _reason(exc)
-    kept, unusable = _comparable(source, list(surrogates))
-    skipped.update(unusable)
-    core = conferrable_points(source, list(usable.values()), list(kept.values()), **options)
+    search = options["steps"] if options["steps"] is not None else (
+        CONFERRABLE_STEPS if source.domain.kind == "continuous" else TOKEN_STEPS)
+    training = SURROGATE_ROUNDS * len(SURROGATE_KINDS) * SURROGATE_STEPS if surrogates is None else 0
+    # disable=None: no bar where stderr is no terminal (logs, Ray workers, tests)
+    with tqdm(total=training + search, desc=f"{source.name}: conferrable probe", unit="step", file=sys.stderr,
+              disable=None if progress else True, leave=False) as bar:
+        if surrogates is None:
+            try:
+                surrogates = distil_surrogates(source, seeds=options["seeds"], seed=options["seed"],
+                                               progress=bar.update)
+            except VerifyError as exc:  # the references alone still shape the probe
+                surrogates, skipped["surrogates"] = [], _reason(exc)
+        kept, unusable = _comparable(source, list(surrogates))
+        skipped.update(unusable)
+        core = conferrable_points(source, list(usable.values()), list(kept.values()), progress=bar.update, **options)
     return core, {"references": list(usable), "surrogates": list(kept), "skipped": skipped}
 
 

@@ -228,6 +228,7 @@ def _targets(source: RunnableModel, pool: torch.Tensor, n: int, gen: torch.Gener
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> per-point loss
 Done = Callable[[torch.Tensor], torch.Tensor]  # per-point loss -> the points whose search is over
+Progress = Callable[[int], object]  # called with the steps done since its last call (a progress bar's update)
 
 
 def _objective(logits: torch.Tensor, targets: torch.Tensor, variant: str) -> torch.Tensor:
@@ -271,7 +272,7 @@ def _ascend(source: RunnableModel, starts: torch.Tensor, targets: torch.Tensor, 
 
 
 def _mutate(source: RunnableModel, starts: torch.Tensor, targets: torch.Tensor, objective: Loss, done: Done, *,
-            steps: int, gen: torch.Generator) -> torch.Tensor:
+            steps: int, gen: torch.Generator, progress: Progress | None = None) -> torch.Tensor:
     n, length = starts.shape
     k = TOKEN_CANDIDATES
     x = starts.clone()
@@ -292,6 +293,8 @@ def _mutate(source: RunnableModel, starts: torch.Tensor, targets: torch.Tensor, 
             rows = active[better]
             x[rows] = cands.reshape(m, k, length)[better, pick[better]]
             best[rows] = value[better]
+            if progress is not None:
+                progress(1)
     return x.to(source.device)
 
 
@@ -311,6 +314,7 @@ def conferrable_points(
     avoid: float = AVOID,
     pool: int = CONFERRABLE_POOL,
     halve: Sequence[tuple[float, int]] = CONFERRABLE_HALVE,
+    progress: Progress | None = None,
 ) -> CorePoints:
     """Core points shaped by the owner's models: the source and its `surrogates` give each point's
     target label with confidence, the homolog `references` do not (variant "conferrable").
@@ -327,6 +331,7 @@ def conferrable_points(
     surrogates must take the source's inputs and answer in its label space (`make_probe` checks and skips
     others); they run as copies prepared for the search (`_for_search`). `n` and `steps` default to
     CONFERRABLE_POINTS and CONFERRABLE_STEPS for continuous inputs, TOKEN_POINTS and TOKEN_STEPS for tokens.
+    `progress` is called with 1 after every search step (`steps` in all), for a progress bar.
 
     Raises:
         VerifyError: no references, the source fails on its inputs or outputs NaN, or its outputs are
@@ -359,10 +364,10 @@ def conferrable_points(
         starts, targets = _targets(source, starts, size, gen)
         x, targets = _ascend_halving(shaping, starts, targets, steps=steps, step=step * spread,
                                      low=mean - 4 * spread, high=mean + 4 * spread,
-                                     halve=[(round(f * steps), m * n) for f, m in halve])
+                                     halve=[(round(f * steps), m * n) for f, m in halve], progress=progress)
     else:
         starts, targets = _targets(source, token_pool(source, seeds, size, gen), size, gen)
-        x = _mutate(source, starts, targets, shaping.loss, never, steps=steps, gen=gen)
+        x = _mutate(source, starts, targets, shaping.loss, never, steps=steps, gen=gen, progress=progress)
     targets = targets.to(source.device)
     x = x[shaping.score(x, targets).argsort(descending=True)[:n]]
     # The source's own labels: a point whose search fell short keeps the label the source gives it.
@@ -374,7 +379,8 @@ def conferrable_points(
 
 def _ascend_halving(shaping: _Shaping, starts: torch.Tensor, targets: torch.Tensor, *, steps: int,
                     step: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                    halve: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                    halve: Sequence[tuple[int, int]], progress: Progress | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed-gradient steps on every point, keeping at each (step, m) of `halve` the m most conferrable
     points (never more than there are); the points and their targets."""
     device = shaping.device
@@ -393,6 +399,8 @@ def _ascend_halving(shaping: _Shaping, starts: torch.Tensor, targets: torch.Tens
         (grad,) = torch.autograd.grad(shaping.loss(x, targets).sum(), x)
         with torch.no_grad():
             x = torch.maximum(torch.minimum(x - step * grad.sign(), high), low)
+        if progress is not None:
+            progress(1)
     return x.detach(), targets
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -64,12 +64,14 @@ def distil_surrogates(
     steps: int = SURROGATE_STEPS,
     seed: int = 0,
     rounds: int = SURROGATE_ROUNDS,
+    progress: Callable[[int], object] | None = None,
 ) -> list[RunnableModel]:
     """Fresh models of the source's architecture trained on its outputs, one per kind and round (see the
     module): round 1's kinds, then round 2's, each round's inputs and initialisations from its own seed.
 
     Each starts from the source's module with every parameter re-initialised (`reset_parameters`, seeded),
-    so the architecture needs no registry; it runs on the source's device.
+    so the architecture needs no registry; it runs on the source's device. `progress` is called with 1
+    after every training step (rounds x kinds x steps in all), for a progress bar.
 
     Raises:
         VerifyError: the source's outputs are not labels, it has no parameters to re-initialise, an
@@ -88,7 +90,8 @@ def distil_surrogates(
         for i, kind in enumerate(kinds):
             start = time.perf_counter()
             module = _fresh(source.module, round_seed * 1000 + 7 * i + 1)
-            _train(module, inputs, teacher, soft=kind == "soft", steps=steps, gen=gen, name=source.name)
+            _train(module, inputs, teacher, soft=kind == "soft", steps=steps, gen=gen, name=source.name,
+                   progress=progress)
             label = kind if r == 0 else f"{kind}, round {r + 1}"
             out.append(RunnableModel(
                 module, source.domain, source.n_outputs, name=f"{source.name} surrogate ({label})",
@@ -144,7 +147,7 @@ def _fresh(module: nn.Module, seed: int) -> nn.Module:
 
 
 def _train(module: nn.Module, inputs: torch.Tensor, teacher: torch.Tensor, *, soft: bool, steps: int,
-           gen: torch.Generator, name: str) -> None:
+           gen: torch.Generator, name: str, progress: Callable[[int], object] | None = None) -> None:
     target = F.log_softmax(teacher / TEMPERATURE, dim=1) if soft else teacher.argmax(dim=1)
     opt = torch.optim.Adam(module.parameters(), lr=SURROGATE_LR)
     module.train()
@@ -157,4 +160,6 @@ def _train(module: nn.Module, inputs: torch.Tensor, teacher: torch.Tensor, *, so
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if progress is not None:
+                progress(1)
     module.eval()
