@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bench.results import write_section
+from bench.results import cpu_model, write_section
 from bench.verify_zoo import DEFAULT_DIR, HOMOLOG_KINDS, PIRATED_KINDS, UNRELATED_KINDS, build_verify_zoo, comparisons
 from jobs.query import hash_uri
 from pipeline.cli import compare
@@ -427,7 +427,8 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
         "## Behavioural verification (`python -m bench.verify`)",
         "",
         f"Zoo (bench/verify_zoo.py, cached in bench/.cache/verify_zoo, built in {manifest.get('seconds', '?')} s "
-        f"wall on 1 torch thread, beside other jobs on a shared 2-core machine): {len(models)} models, "
+        f"wall on 1 torch thread, beside other jobs on a shared 2-core machine, {cpu_model()}; like the quality zoo, "
+        f"the same bytes from its seeds on one kind of CPU only): {len(models)} models, "
         f"{n_by['original']} originals "
         f"({', '.join(sorted({m['arch'] for m in models}))}), {n_by['pirated']} pirated copies, "
         f"{n_by['homolog']} shared homologs, {n_by['unrelated']} other-task models. "
