@@ -56,15 +56,16 @@ TOKEN_POINTS = 100
 # conferrable after each (fraction of CONFERRABLE_STEPS, m) of CONFERRABLE_HALVE, and keeps the n most
 # conferrable at the end; AVOID weighs the references' -log(1 - p(target)) against the source's and
 # surrogates' cross-entropy (bench/verify.py: 3 gave the best AUC of 1 and 3 on the zoo).
-# On the verify zoo (`agreement` AUC, copies vs homologs, with the same surrogates; a CNN's search in
-# seconds, 1 CPU thread): all 4n starts for 100 steps 0.954 (80 s); the best n after 25 steps 0.960 (30 s);
+# On the verify zoo (`agreement` AUC, copies vs homologs, with the same surrogates; a CNN's search of 200
+# points in seconds, 1 CPU thread): all 4n starts for 100 steps 0.954 (80 s); the best n after 25 steps 0.960 (30 s);
 # the best 2n after 25 steps 0.960 (59 s); the best 2n after 10 steps and n after 25, 0.953 (27 s); 2n
 # starts, the best n after 25 steps 0.957 (25 s); n starts alone 0.934 (21 s). Fewer, longer steps over
 # the same reach cost more: 4n starts for 25 steps of 4 x CORE_STEP 0.937 (25 s), 50 of 2 x 0.939 (37 s).
 # Points (continuous inputs): 100 against DeepCore's 200 halve the search for the same AUC (0.9645 against
-# 0.9605, FIR 1/207 homologs either way; 64 points 0.960): conferrable points are chosen ones, and the
-# prior-corrected agreement on 100 of them moves in steps of 0.01, well inside the 0.9 cut's margin.
-# Fewer search steps cost more than fewer points: 100 points, 2 surrogates, 50 steps gave 0.914.
+# 0.9605, FIR 1/207 homologs either way; 64 points 0.960; pool 3, 0.958; halving after 15% of the steps,
+# 0.957): conferrable points are chosen ones, and the prior-corrected agreement on 100 of them moves in
+# steps of 0.01, fine against the 0.75 cut. Search steps matter more than points: 100 points, 2
+# surrogates and 50 steps gave 0.914 (100 steps: 0.957).
 CONFERRABLE_POINTS = 100
 CONFERRABLE_STEPS = 100
 CONFERRABLE_POOL = 4

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import VerifyError
-from pipeline.verify.core_points import input_spread, require_labels, token_pool
+from pipeline.verify.core_points import Progress, input_spread, require_labels, token_pool
 from pipeline.verify.runnable import RunnableModel
 
 __all__ = ["SURROGATE_KINDS", "SURROGATE_ROUNDS", "SURROGATE_STEPS", "distil_surrogates", "student_loss"]
@@ -40,8 +40,9 @@ SURROGATE_KINDS = ("soft", "labels")
 SURROGATE_ROUNDS = 2
 # Adam steps of SURROGATE_BATCH inputs at SURROGATE_LR: on the digits zoo 200 steps leave the students within
 # a point of the source's test accuracy (one ResNet student of four 4.5 points below), a CNN's four cost
-# about 7.5 s on one CPU thread (400 steps: 15 s), and the conferrable probe's AUC held (0.961 against 0.959
-# with 400 steps; 100 steps at 3x the rate, 0.954).
+# about 13 s on one CPU thread (17 ms a step: half of its conferrable probe), and the probe's AUC held (0.961
+# against 0.959 with 400 steps; 100 steps at 3x the rate, 0.954; at 2x, 0.952 with 2 homologs of 207 called
+# pirated).
 SURROGATE_STEPS = 200
 SURROGATE_BATCH = 64
 SURROGATE_LR = 1e-3
@@ -64,7 +65,7 @@ def distil_surrogates(
     steps: int = SURROGATE_STEPS,
     seed: int = 0,
     rounds: int = SURROGATE_ROUNDS,
-    progress: Callable[[int], object] | None = None,
+    progress: Progress | None = None,
 ) -> list[RunnableModel]:
     """Fresh models of the source's architecture trained on its outputs, one per kind and round (see the
     module): round 1's kinds, then round 2's, each round's inputs and initialisations from its own seed.
@@ -147,7 +148,7 @@ def _fresh(module: nn.Module, seed: int) -> nn.Module:
 
 
 def _train(module: nn.Module, inputs: torch.Tensor, teacher: torch.Tensor, *, soft: bool, steps: int,
-           gen: torch.Generator, name: str, progress: Callable[[int], object] | None = None) -> None:
+           gen: torch.Generator, name: str, progress: Progress | None = None) -> None:
     target = F.log_softmax(teacher / TEMPERATURE, dim=1) if soft else teacher.argmax(dim=1)
     opt = torch.optim.Adam(module.parameters(), lr=SURROGATE_LR)
     module.train()
