@@ -390,17 +390,17 @@ def test_conferrable_search_halves_its_pool_to_the_most_conferrable(zoo, monkeyp
 
     source, refs, seeds = load_runnable(zoo["source"]), [_suspect(zoo, "homolog2")], np.load(zoo["seeds"])
     searched, scored = [], []
-    loss, score = cp._Shaping.loss, cp._Shaping.score
+    gradient, score = cp._Shaping.gradient, cp._Shaping.score
 
-    def spy_loss(self, x, targets):
+    def spy_gradient(self, x, targets):
         searched.append(x.detach().clone())
-        return loss(self, x, targets)
+        return gradient(self, x, targets)
 
     def spy_score(self, x, targets):
         scored.append((x.clone(), score(self, x, targets)))
         return scored[-1][1]
 
-    monkeypatch.setattr(cp._Shaping, "loss", spy_loss)
+    monkeypatch.setattr(cp._Shaping, "gradient", spy_gradient)
     monkeypatch.setattr(cp._Shaping, "score", spy_score)
     core = cp.conferrable_points(source, refs, seeds=seeds, n=10, steps=4, pool=4, halve=((0.5, 2),))
     # 40 starts for two steps, then the 20 most conferrable for the other two, the 10 best of those kept.
@@ -428,6 +428,52 @@ def test_probe_progress_counts_every_training_and_search_step(zoo, capsys):
     shown, quiet = make_probe(source, **options, progress=True), make_probe(source, **options)
     assert torch.equal(shown.core.inputs, quiet.core.inputs)
     assert "conferrable probe" not in capsys.readouterr().err
+
+
+def test_workers_run_jobs_side_by_side_on_one_torch_thread_each():
+    import threading
+
+    from pipeline.verify.workers import Workers
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with Workers(4) as workers:
+            seen = workers.map(lambda i: (i, threading.current_thread().name, torch.get_num_threads()), range(4))
+        assert [i for i, _, _ in seen] == [0, 1, 2, 3]  # the items' order
+        assert all(name.startswith("modelhash-probe") and n == 1 for _, name, n in seen)
+        assert torch.get_num_threads() == 2  # restored
+        assert Workers(4, "cuda").size == 1 and Workers(1).size == 1  # a GPU's jobs, or one job: in the caller
+        torch.set_num_threads(1)
+        with Workers(4) as workers:
+            assert workers.map(lambda _: threading.current_thread(), [0]) == [threading.current_thread()]
+        with pytest.raises(ZeroDivisionError):
+            torch.set_num_threads(2)
+            with Workers(2) as workers:
+                workers.map(lambda i: 1 / i, [1, 0])
+        assert torch.get_num_threads() == 2  # restored after a failed job too
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_conferrable_probe_is_the_same_built_side_by_side(zoo):
+    from pipeline.verify import core_points as cp
+
+    source, refs, seeds = load_runnable(zoo["source"]), [_suspect(zoo, "homolog2")], np.load(zoo["seeds"])
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):  # one after another in the caller's thread; two workers of one torch thread each
+            torch.set_num_threads(n)
+            students = distil_surrogates(source, seeds=seeds, steps=5, rounds=2)
+            core = cp.conferrable_points(source, refs, students, seeds=seeds, n=10, steps=6)
+            runs.append(([m.module.state_dict() for m in students], core))
+    finally:
+        torch.set_num_threads(threads)
+    (weights_1, core_1), (weights_2, core_2) = runs
+    for a, b in zip(weights_1, weights_2, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(core_1.inputs, core_2.inputs) and torch.equal(core_1.labels, core_2.labels)
 
 
 class _BranchyCNN(nn.Module):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -432,15 +433,20 @@ def _conferrable(
     # disable=None: no bar where stderr is no terminal (logs, Ray workers, tests)
     with tqdm(total=training + search, desc=f"{source.name}: conferrable probe", unit="step", file=sys.stderr,
               disable=None if progress else True, leave=False) as bar:
+        lock = threading.Lock()  # the students train side by side (`Workers`): one update at a time
+
+        def tick(steps: int) -> None:
+            with lock:
+                bar.update(steps)
+
         if surrogates is None:
             try:
-                surrogates = distil_surrogates(source, seeds=options["seeds"], seed=options["seed"],
-                                               progress=bar.update)
+                surrogates = distil_surrogates(source, seeds=options["seeds"], seed=options["seed"], progress=tick)
             except VerifyError as exc:  # the references alone still shape the probe
                 surrogates, skipped["surrogates"] = [], _reason(exc)
         kept, unusable = _comparable(source, list(surrogates))
         skipped.update(unusable)
-        core = conferrable_points(source, list(usable.values()), list(kept.values()), progress=bar.update, **options)
+        core = conferrable_points(source, list(usable.values()), list(kept.values()), progress=tick, **options)
     return core, {"references": list(usable), "surrogates": list(kept), "skipped": skipped}
 
 

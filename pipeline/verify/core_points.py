@@ -28,6 +28,7 @@ from torch.fx.experimental.optimization import fuse
 
 from pipeline.errors import VerifyError
 from pipeline.verify.runnable import InputDomain, RunnableModel
+from pipeline.verify.workers import Workers
 
 __all__ = [
     "CORE_CONFIDENCE",
@@ -353,24 +354,25 @@ def conferrable_points(
     require_labels(source)
     gen = torch.Generator().manual_seed(seed)
     size = pool * n
-    shaping = _Shaping(source, references, surrogates, avoid)
-    never: Done = lambda loss: torch.zeros_like(loss, dtype=torch.bool)  # noqa: E731
-    if continuous:
-        mean, spread = input_spread(source.domain, seeds)
-        if seeds is None:
-            starts = mean + spread * torch.randn((size, *source.domain.shape), generator=gen)
+    with Workers(1 + len(surrogates) + len(references), source.device) as workers:
+        shaping = _Shaping(source, references, surrogates, avoid, workers)
+        never: Done = lambda loss: torch.zeros_like(loss, dtype=torch.bool)  # noqa: E731
+        if continuous:
+            mean, spread = input_spread(source.domain, seeds)
+            if seeds is None:
+                starts = mean + spread * torch.randn((size, *source.domain.shape), generator=gen)
+            else:
+                rows = torch.as_tensor(np.asarray(seeds)).float().reshape(-1, *source.domain.shape)
+                starts = rows[torch.randint(0, len(rows), (size,), generator=gen)]
+            starts, targets = _targets(source, starts, size, gen)
+            x, targets = _ascend_halving(shaping, starts, targets, steps=steps, step=step * spread,
+                                         low=mean - 4 * spread, high=mean + 4 * spread,
+                                         halve=[(round(f * steps), m * n) for f, m in halve], progress=progress)
         else:
-            rows = torch.as_tensor(np.asarray(seeds)).float().reshape(-1, *source.domain.shape)
-            starts = rows[torch.randint(0, len(rows), (size,), generator=gen)]
-        starts, targets = _targets(source, starts, size, gen)
-        x, targets = _ascend_halving(shaping, starts, targets, steps=steps, step=step * spread,
-                                     low=mean - 4 * spread, high=mean + 4 * spread,
-                                     halve=[(round(f * steps), m * n) for f, m in halve], progress=progress)
-    else:
-        starts, targets = _targets(source, token_pool(source, seeds, size, gen), size, gen)
-        x = _mutate(source, starts, targets, shaping.loss, never, steps=steps, gen=gen, progress=progress)
-    targets = targets.to(source.device)
-    x = x[shaping.score(x, targets).argsort(descending=True)[:n]]
+            starts, targets = _targets(source, token_pool(source, seeds, size, gen), size, gen)
+            x = _mutate(source, starts, targets, shaping.loss, never, steps=steps, gen=gen, progress=progress)
+        targets = targets.to(source.device)
+        x = x[shaping.score(x, targets).argsort(descending=True)[:n]]
     # The source's own labels: a point whose search fell short keeps the label the source gives it.
     probs = source.probs(x)
     labels = probs.argmax(dim=1)
@@ -396,8 +398,7 @@ def _ascend_halving(shaping: _Shaping, starts: torch.Tensor, targets: torch.Tens
                 x, targets = x[best], targets[best]
         if i == steps:
             break
-        x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(shaping.loss(x, targets).sum(), x)
+        grad = shaping.gradient(x, targets)
         with torch.no_grad():
             x = torch.maximum(torch.minimum(x - step * grad.sign(), high), low)
         if progress is not None:
@@ -406,37 +407,71 @@ def _ascend_halving(shaping: _Shaping, starts: torch.Tensor, targets: torch.Tens
 
 
 class _Shaping:
-    """The source, its surrogates and references as the conferrable search runs them (`_for_search`)."""
+    """The source, its surrogates and references as the conferrable search runs them (`_for_search`).
+
+    The loss is a sum of one term per model; the terms' input gradients and the models' probabilities are
+    computed by `workers` (side by side on a CPU, one torch thread each) and summed in a fixed order, so
+    the points are the same however many run at once.
+    """
 
     def __init__(self, source: RunnableModel, references: Sequence[RunnableModel],
-                 surrogates: Sequence[RunnableModel], avoid: float) -> None:
+                 surrogates: Sequence[RunnableModel], avoid: float, workers: Workers) -> None:
         self.device = source.device
         self.source = _for_search(source, self.device)
         self.surrogates = [_for_search(m, self.device) for m in surrogates]
         self.references = [_for_search(m, self.device) for m in references]
         self.avoid = avoid
+        self.workers = workers
+        surrogate_weight = 1 / max(1, len(self.surrogates))
+        reference_weight = avoid / len(self.references)
+        # (model, its term's kind, its weight): CE(source) + mean CE(surrogates) - avoid x mean log(1 - p_ref)
+        self.terms = ([(self.source, "ce", 1.0)] + [(m, "ce", surrogate_weight) for m in self.surrogates]
+                      + [(m, "avoid", reference_weight) for m in self.references])
+
+    @staticmethod
+    def _term(term: tuple[Callable[[torch.Tensor], torch.Tensor], str, float], x: torch.Tensor,
+              targets: torch.Tensor) -> torch.Tensor:
+        model, kind, weight = term
+        logits = model(x)
+        if kind == "ce":
+            return weight * F.cross_entropy(logits, targets, reduction="none")
+        p = F.softmax(logits, dim=1).gather(1, targets[:, None])[:, 0]
+        return -weight * torch.log1p(-p.clamp(max=1 - 1e-6))
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per point: CE(source) + mean CE(surrogates) - avoid x mean log(1 - p_reference(target))."""
-        loss = F.cross_entropy(self.source(x), targets, reduction="none")
-        if self.surrogates:
-            loss = loss + sum(F.cross_entropy(m(x), targets, reduction="none")
-                              for m in self.surrogates) / len(self.surrogates)
-        p = torch.stack([F.softmax(m(x), dim=1).gather(1, targets[:, None])[:, 0] for m in self.references])
-        return loss - self.avoid * torch.log1p(-p.clamp(max=1 - 1e-6)).mean(0)
+        def one(term: tuple[Callable[[torch.Tensor], torch.Tensor], str, float]) -> torch.Tensor:
+            with torch.no_grad():  # grad mode is per thread: set in the worker's
+                return self._term(term, x, targets)
+
+        return torch.stack(self.workers.map(one, self.terms)).sum(0)
+
+    def gradient(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss's gradient with respect to the points (each term's on its own copy of them)."""
+        def one(term: tuple[Callable[[torch.Tensor], torch.Tensor], str, float]) -> torch.Tensor:
+            leaf = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(self._term(term, leaf, targets).sum(), leaf)
+            return grad
+
+        return torch.stack(self.workers.map(one, self.terms)).sum(0)
 
     def score(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per point: p_source x mean p_surrogate x (1 - max p_reference) of the target, -1 where the
         source labels the point otherwise."""
-        with torch.inference_mode():
-            logits = self.source(x)
-            p_source = _p_target(logits, targets)
-            p_surrogates = (torch.stack([_p_target(m(x), targets) for m in self.surrogates]).mean(0)
-                            if self.surrogates else torch.ones_like(p_source))
-            p_references = torch.stack([_p_target(m(x), targets) for m in self.references]).max(0).values
-            score = p_source * p_surrogates * (1 - p_references)
-            score[logits.argmax(dim=1) != targets] = -1.0
-        return score.clone()
+        def logits(model: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            with torch.no_grad():  # grad mode is per thread: set in the worker's
+                return model(x)
+
+        out = self.workers.map(logits, [self.source, *self.surrogates, *self.references])
+        k = 1 + len(self.surrogates)
+        p_source = _p_target(out[0], targets)
+        p_surrogates = (torch.stack([_p_target(o, targets) for o in out[1:k]]).mean(0) if self.surrogates
+                        else torch.ones_like(p_source))
+        p_references = torch.stack([_p_target(o, targets) for o in out[k:]]).max(0).values
+        score = p_source * p_surrogates * (1 - p_references)
+        score[out[0].argmax(dim=1) != targets] = -1.0
+        return score
 
 
 def _p_target(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

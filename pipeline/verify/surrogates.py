@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.errors import VerifyError
 from pipeline.verify.core_points import Progress, input_spread, require_labels, token_pool
 from pipeline.verify.runnable import RunnableModel
+from pipeline.verify.workers import Workers
 
 __all__ = ["SURROGATE_KINDS", "SURROGATE_ROUNDS", "SURROGATE_STEPS", "distil_surrogates", "student_loss"]
 
@@ -71,8 +72,9 @@ def distil_surrogates(
     module): round 1's kinds, then round 2's, each round's inputs and initialisations from its own seed.
 
     Each starts from the source's module with every parameter re-initialised (`reset_parameters`, seeded),
-    so the architecture needs no registry; it runs on the source's device. `progress` is called with 1
-    after every training step (rounds x kinds x steps in all), for a progress bar.
+    so the architecture needs no registry; it runs on the source's device. On a CPU the students train side
+    by side, one per core (`Workers`), with the weights they get one after another. `progress` is called
+    with 1 after every training step (rounds x kinds x steps in all, from the workers' threads).
 
     Raises:
         VerifyError: the source's outputs are not labels, it has no parameters to re-initialise, an
@@ -82,24 +84,30 @@ def distil_surrogates(
     unknown = set(kinds) - set(SURROGATE_KINDS)
     if unknown:
         raise VerifyError(f"unknown surrogate kinds {sorted(unknown)} (expected {', '.join(SURROGATE_KINDS)})")
-    out = []
+    plans = []  # everything random is drawn here, in one thread, in the order it always was
     for r in range(rounds):
         round_seed = seed if r == 0 else seed + 100 + r
         gen = torch.Generator().manual_seed(round_seed)
         inputs = _inputs(source, seeds, gen).to(source.device)
         teacher = source.logits(inputs)
         for i, kind in enumerate(kinds):
-            start = time.perf_counter()
             module = _fresh(source.module, round_seed * 1000 + 7 * i + 1)
-            _train(module, inputs, teacher, soft=kind == "soft", steps=steps, gen=gen, name=source.name,
-                   progress=progress)
-            label = kind if r == 0 else f"{kind}, round {r + 1}"
-            out.append(RunnableModel(
-                module, source.domain, source.n_outputs, name=f"{source.name} surrogate ({label})",
-                arch=source.arch, outputs=source.outputs, device=source.device, batch_size=source.batch_size,
-                notes=(f"distilled from the source on {len(inputs)} inputs in {time.perf_counter() - start:.1f} s",),
-            ))
-    return out
+            batches = [torch.randint(0, len(inputs), (SURROGATE_BATCH,), generator=gen).to(inputs.device)
+                       for _ in range(steps)]
+            plans.append((module, inputs, teacher, kind, batches, kind if r == 0 else f"{kind}, round {r + 1}"))
+
+    def train(plan: tuple) -> RunnableModel:
+        module, inputs, teacher, kind, batches, label = plan
+        start = time.perf_counter()
+        _train(module, inputs, teacher, soft=kind == "soft", batches=batches, name=source.name, progress=progress)
+        return RunnableModel(
+            module, source.domain, source.n_outputs, name=f"{source.name} surrogate ({label})",
+            arch=source.arch, outputs=source.outputs, device=source.device, batch_size=source.batch_size,
+            notes=(f"distilled from the source on {len(inputs)} inputs in {time.perf_counter() - start:.1f} s",),
+        )
+
+    with Workers(len(plans), source.device) as workers:  # independent students: side by side across cores
+        return workers.map(train, plans)
 
 
 def student_loss(out: torch.Tensor, target: torch.Tensor, *, soft: bool,
@@ -147,14 +155,13 @@ def _fresh(module: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-def _train(module: nn.Module, inputs: torch.Tensor, teacher: torch.Tensor, *, soft: bool, steps: int,
-           gen: torch.Generator, name: str, progress: Progress | None = None) -> None:
+def _train(module: nn.Module, inputs: torch.Tensor, teacher: torch.Tensor, *, soft: bool,
+           batches: Sequence[torch.Tensor], name: str, progress: Progress | None = None) -> None:
     target = F.log_softmax(teacher / TEMPERATURE, dim=1) if soft else teacher.argmax(dim=1)
     opt = torch.optim.Adam(module.parameters(), lr=SURROGATE_LR)
     module.train()
     with torch.enable_grad():
-        for _ in range(steps):
-            batch = torch.randint(0, len(inputs), (SURROGATE_BATCH,), generator=gen).to(inputs.device)
+        for batch in batches:
             loss = student_loss(module(inputs[batch]), target[batch], soft=soft)
             if not torch.isfinite(loss):
                 raise VerifyError(f"{name}: surrogate training diverged (loss {float(loss)})")
