@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -255,6 +256,33 @@ def _cached_pair(root: Path, source: str, shaping: list[str], suspects: list[tup
     if not (probe.shaped_by or {}).get("cached"):
         raise RuntimeError(f"{source}: the probe cache missed the probe the first query stored")
     return seconds
+
+
+def cold_on_all_cores(root: Path, manifest: dict, log: Callable[[str], None] = print) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) of a first `agreement` pair from scratch on every core, per architecture's first
+    source: the source, its shaping references and a suspect loaded, the conferrable probe built with
+    nothing cached (surrogates and search side by side, `pipeline.verify.workers`), the pair. The rest
+    of the bench runs on one torch thread."""
+    real = np.load(root / manifest["seeds"])
+    threads = torch.get_num_threads()
+    out: dict[str, tuple[float, float]] = {}
+    firsts = {}
+    for src, suspect, relation, _ in comparisons(manifest):
+        if relation == "pirated" and src["arch"] not in firsts:
+            firsts[src["arch"]] = (src["name"], suspect["name"])
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        for source, suspect in firsts.values():
+            start, cpu = time.perf_counter(), time.process_time()
+            model = load_runnable(str(root / source))
+            references = {n: load_runnable(str(root / n)) for n in _shaping_references(manifest, source)}
+            probe = make_probe(model, seeds=real, references=references)
+            verify_pair(probe, load_runnable(str(root / suspect)), "agreement")
+            out[source] = (time.perf_counter() - start, time.process_time() - cpu)
+            log(f"{source}: a cold conferrable pair on {torch.get_num_threads()} threads in {out[source][0]:.1f} s")
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def stage1_verdicts(root: Path, manifest: dict) -> dict[tuple[str, str], str]:
@@ -516,6 +544,10 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
         lines.append(f"| a pair from scratch, `agreement`, the conferrable probe cold, {a}: load the source, its 3 "
                      f"references and the suspect, distil the surrogates, search the probe, the pair | "
                      f"{_seconds(values)} |")
+    cores = times.get(f"cores:{CONFERRABLE}", {})
+    for source, values in sorted(cores.items(), key=lambda kv: arch[kv[0]]):
+        lines.append(f"| the same, on all {os.cpu_count()} cores, {arch[source]} ({source}, once) | "
+                     f"{_seconds([values])} |")
     cached = list(times.get(f"cached:{CONFERRABLE}", {}).values())
     if cached:
         lines.append("| a pair from scratch, `agreement`, the conferrable probe in the probe cache: load the source, "
@@ -550,6 +582,10 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
     probe_times = list(times.get(f"probe:{CONFERRABLE}", {}).values())
     cold_p90 = {a: float(np.percentile([w for w, _ in v], 90)) for a, v in sorted(cold.items())}
     cold_text = ", ".join(f"{a} {t:.1f} s ({'met' if t < 10 else 'not met'})" for a, t in cold_p90.items())
+    if cores:
+        cold_text += f"; on all {os.cpu_count()} cores, once each, " + ", ".join(
+            f"{arch[s_]} {w:.1f} s ({'met' if w < 10 else 'not met'})"
+            for s_, (w, _) in sorted(cores.items(), key=lambda kv: arch[kv[0]]))
     for m in ("agreement", "distance"):
         r = reports.get((CONFERRABLE, m))
         if r is None or not probe_times:
@@ -799,6 +835,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         start = time.perf_counter()
         pairs, times = run(args.zoo, manifest, probes, log=lambda s: print(s, flush=True))
+        if CONFERRABLE in probes:
+            times[f"cores:{CONFERRABLE}"] = cold_on_all_cores(args.zoo, manifest, log=lambda s: print(s, flush=True))
         print(f"{len(pairs)} verdicts in {time.perf_counter() - start:.1f} s", flush=True)
     if any(p.stage1 is None for p in pairs):
         stage1 = stage1_verdicts(args.zoo, manifest)
