@@ -58,12 +58,11 @@ from tqdm import tqdm
 
 from pipeline.errors import VerifyError
 from pipeline.verify.core_points import (
-    CONFERRABLE_STEPS,
     CORE_CONFIDENCE,
     CORE_STEP,
-    TOKEN_STEPS,
     CorePoints,
     conferrable_points,
+    conferrable_size,
     core_points,
     input_spread,
     require_labels,
@@ -427,8 +426,7 @@ def _conferrable(
     """The conferrable search, with the surrogates distilled first when none are given; what shaped it
     (its `skipped` holds the surrogates that could not: the references' are the caller's)."""
     skipped: dict[str, str] = {}
-    search = options["steps"] if options["steps"] is not None else (
-        CONFERRABLE_STEPS if source.domain.kind == "continuous" else TOKEN_STEPS)
+    _, search = conferrable_size(source, options["n"], options["steps"])
     training = SURROGATE_ROUNDS * len(SURROGATE_KINDS) * SURROGATE_STEPS if surrogates is None else 0
     # disable=None: no bar where stderr is no terminal (logs, Ray workers, tests)
     with tqdm(total=training + search, desc=f"{source.name}: conferrable probe", unit="step", file=sys.stderr,

@@ -37,6 +37,7 @@ __all__ = [
     "CONFERRABLE_STEPS",
     "CorePoints",
     "conferrable_points",
+    "conferrable_size",
     "core_points",
     "input_spread",
     "require_labels",
@@ -343,8 +344,7 @@ def conferrable_points(
     if not references:
         raise VerifyError("conferrable points need at least one homolog reference")
     continuous = source.domain.kind == "continuous"
-    n = n if n is not None else CONFERRABLE_POINTS if continuous else TOKEN_POINTS
-    steps = steps if steps is not None else CONFERRABLE_STEPS if continuous else TOKEN_STEPS
+    n, steps = conferrable_size(source, n, steps)
     kept = [m for _, m in halve]
     if n < 1 or steps < 0 or pool < 1 or any(not 0 <= f <= 1 for f, _ in halve) or kept != sorted(kept, reverse=True) \
             or any(not 1 <= m <= pool for m in kept):
@@ -378,6 +378,14 @@ def conferrable_points(
     labels = probs.argmax(dim=1)
     return CorePoints(inputs=x, labels=labels, confidence=probs.gather(1, labels[:, None])[:, 0],
                       variant="conferrable", seconds=time.perf_counter() - start_time)
+
+
+def conferrable_size(source: RunnableModel, n: int | None, steps: int | None) -> tuple[int, int]:
+    """The conferrable search's points and steps for this source: as given, else CONFERRABLE_POINTS and
+    CONFERRABLE_STEPS for continuous inputs, TOKEN_POINTS and TOKEN_STEPS for tokens."""
+    continuous = source.domain.kind == "continuous"
+    return (n if n is not None else CONFERRABLE_POINTS if continuous else TOKEN_POINTS,
+            steps if steps is not None else CONFERRABLE_STEPS if continuous else TOKEN_STEPS)
 
 
 def _ascend_halving(shaping: _Shaping, starts: torch.Tensor, targets: torch.Tensor, *, steps: int,
@@ -420,7 +428,6 @@ class _Shaping:
         self.source = _for_search(source, self.device)
         self.surrogates = [_for_search(m, self.device) for m in surrogates]
         self.references = [_for_search(m, self.device) for m in references]
-        self.avoid = avoid
         self.workers = workers
         surrogate_weight = 1 / max(1, len(self.surrogates))
         reference_weight = avoid / len(self.references)
