@@ -45,7 +45,7 @@ def test_metrics_for_both_specs(tiny_zoo):
     assert wsig.metrics["mAP"] > nts.metrics["mAP"]
     assert wsig.metrics["FPR at copy (homologs)"] == 0.0
     table = render(reports, manifest)
-    assert "| permute (4) |" in table and "`wsig-v1`" in table
+    assert "| permute (4) |" in table and "`wsig-v2`" in table
 
 
 def test_homologs_outside_the_zoo_are_counted_against_the_copy_threshold(tiny_zoo):

@@ -94,7 +94,7 @@ def test_byte_budget_bounds_what_is_read(tmp_path):
     small = WSigSpec(max_values=60_000)
     result = code(tmp_path, "g", sd, spec=small)
     assert result.bytes_read < 60_000 * 4 + 8192
-    assert small.name != SPEC.name and SPEC.name.startswith("wsig-v1:")
+    assert small.name != SPEC.name and SPEC.name.startswith("wsig-v2:")
 
 
 def test_a_new_head_is_found_through_the_blocks(tmp_path):
@@ -145,15 +145,30 @@ def test_balance_undoes_row_and_column_scalings_and_zeroes_dead_units():
     assert torch.allclose(flat, _balance(w[:, :, :1] * rows[:, None, None] * cols[None, :, None]), atol=1e-4)
 
 
-def test_top_keeps_the_largest_fraction_unchanged():
-    from pipeline.hashing.wsig import _top
+def test_emphasis_weighs_entries_by_magnitude_so_pruning_moves_little():
+    from pipeline.hashing.wsig import _emphasize
 
+    torch.manual_seed(0)
     w = torch.randn(40, 25, dtype=torch.float64).T  # not contiguous, as a transposed GPT-2 weight
-    kept = _top(w.clone(), 0.3)
-    nonzero = kept != 0
-    assert int(nonzero.sum()) == round(0.3 * w.numel())
-    assert torch.equal(kept[nonzero], w[nonzero])
-    assert w.abs()[nonzero].min() > w.abs()[~nonzero].max()
+    assert torch.allclose(_emphasize(w.clone(), 1.5), w * w.abs() ** 1.5)  # sign kept, magnitude order kept
+    assert torch.allclose(_emphasize(w.clone(), 2.0), w * w.abs() ** 2)
+    assert torch.equal(_emphasize(w.clone(), 0.0), w)
+    pruned = w * (w.abs() > w.abs().median())  # half the entries, the smallest, zeroed
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.flatten() @ b.flatten()) / (a.norm() * b.norm()))
+
+    assert cosine(w, pruned) < 0.97  # plain weights: pruning half moves the matrix
+    assert cosine(_emphasize(w.clone(), 1.5), _emphasize(pruned.clone(), 1.5)) > 0.998  # emphasized: hardly
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet", "gpt"])
+def test_magnitude_pruned_copies_are_near(tmp_path, arch):
+    sd = state(arch, 0)
+    a = code(tmp_path, "a", sd)
+    for fraction in (0.3, 0.5):
+        b = code(tmp_path, f"p{fraction}", prune_magnitude(sd, fraction))
+        assert distance(a.code.code, b.code.code) <= SPEC.thresholds.copy, (arch, fraction)
 
 
 def _magnitude_parts(result) -> dict[str, bytes]:

@@ -4,11 +4,12 @@ Layers are linear maps (a conv kernel is one map per spatial offset). Read in th
 (`canonical.layer_order_key`), each layer is expressed in the basis of a *root* whose coordinates no copier
 moves: the input (pixels x kernel offsets), or a transformer's residual stream. Along a chain
 
-    P_root = rows(top(W_root) R)                      (R: a fixed random projection to m coordinates)
-    P_l    = rows(top(balance(W_l)) . P_prev)         (conv: per kernel offset, then a fixed projection)
+    P_root = rows(emph(W_root) R)                     (R: a fixed random projection to m coordinates)
+    P_l    = rows(emph(balance(W_l)) . P_prev)        (conv: per kernel offset, then a fixed projection)
 
-`balance` scales rows and columns alike until their norms agree (Sinkhorn), `top` keeps the `keep`
-fraction of entries largest in magnitude (what magnitude pruning keeps), `rows` scales each unit's row
+`balance` scales rows and columns alike until their norms agree (Sinkhorn), `emph` weighs each entry by
+its magnitude to the power `power` (the small entries, which magnitude pruning zeroes, count for little,
+and smoothly: no entry jumps across a cut when pruning or rounding reorders ranks), `rows` scales each unit's row
 to unit norm and gives it a soft canonical sign (tanh of its projection on a fixed direction: odd, so a
 flipped unit gives the same row, and continuous, so float noise cannot flip a unit). A permutation of
 the hidden units between two layers permutes the rows of P_prev and the columns of W_l alike, so it
@@ -70,8 +71,8 @@ from pipeline.hashing.spec import ModelCode, Thresholds
 
 _EPS = 1e-12
 MAGNITUDE_SUFFIX = "#mag"  # a block's exact-weight code: `layer2.0#mag` beside `layer2.0`
-COPY_BITS = 57
-RELATED_BITS = 62
+COPY_BITS = 55
+RELATED_BITS = 59
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,24 +92,24 @@ class WSigSpec:
     uses_gpu: ClassVar[bool] = False
     bits: int = 256
     m: int = 8  # width of the fixed random projection of each chain's basis
-    keep: float = 0.5  # only this top fraction of each balanced layer's entries (magnitude pruning's)
+    power: float = 1.5  # each balanced layer's entries weighted by their magnitude to this power (`_emphasize`)
     soft: float = 2.0  # a unit's canonical sign is soft: tanh(soft * its projection on a fixed direction)
     decay: float = 0.6  # weight of a layer's summary per step of depth along its chain
     min_units: int = 16  # narrower layers (heads of a few classes) are chained through, not summarized
     max_values: int = 4_000_000  # weight values read per model (16 MB of float32), whatever its size
     magnitude_bits: int = 256  # per-block exact-weight codes (`magnitude.py`) beside the parts; 0: none
     device: str = "cpu"  # where the torch kernels run; not part of the name (same code)
-    # Calibrated on the quality zoo (bench/quality.py), a false-positive rate <= 0.1% over all its negative
-    # pairs, homologs included. The zoo is deterministic per CPU kind, not across them: built on an AMD
-    # EPYC it allowed copy <= 58 bits, on an Intel Xeon <= 57, so 57 (two close homolog originals bring
-    # their ~18 x 18 copies with them: the rate moves in steps, not smoothly). related: a false-positive
-    # rate <= 1% over the whole zoo (62 on both).
+    # Calibrated on the quality zoo (bench/quality.py, built on an Intel Xeon; the zoo is deterministic per
+    # CPU kind, not across them): copy, a false-positive rate <= 0.1% over all its negative pairs, homologs
+    # included, for the whole code and for whole-or-any-block alike (0.05% / 0.06% at 55; 56 gives 0.10% /
+    # 0.11%: two close homolog originals bring their copies with them, so the rate moves in steps);
+    # related, <= 1% for both (0.89% / 0.94% at 59).
     thresholds: Thresholds = field(default_factory=lambda: Thresholds(copy=COPY_BITS, related=RELATED_BITS))
 
     @property
     def name(self) -> str:
         return (
-            f"wsig-v1:bits={self.bits},m={self.m},keep={self.keep:g},soft={self.soft:g},decay={self.decay:g},"
+            f"wsig-v2:bits={self.bits},m={self.m},power={self.power:g},soft={self.soft:g},decay={self.decay:g},"
             f"min_units={self.min_units},max_values={self.max_values},mag={self.magnitude_bits}"
         )
 
@@ -211,7 +212,7 @@ class WSigSpec:
                 prev, depth = self._predecessor(chains, out, fan_in)
             if prev is None:
                 root = w.reshape(out, fan_in * k)
-                root = _top(root / (root.norm(dim=1, keepdim=True) + _EPS), self.keep)
+                root = _emphasize(root / (root.norm(dim=1, keepdim=True) + _EPS), self.power)
                 p = self._rows(root @ self._projection(fan_in * k))
             else:
                 p = self._chain(w, prev)
@@ -240,12 +241,12 @@ class WSigSpec:
         out, fan_in, k = w.shape
         units = prev.shape[0]
         if fan_in == 1 and units == out:  # depthwise: unit c reads only input channel c
-            w = _top(w / (w.norm(dim=(1, 2), keepdim=True) + _EPS), self.keep)
+            w = _emphasize(w / (w.norm(dim=(1, 2), keepdim=True) + _EPS), self.power)
             y = w[:, 0, :, None] * prev[:, None, :]  # (out, k, m)
         else:
             spatial = fan_in // units
             # A flattened (channels, positions) input: each position is one more kernel offset.
-            w = _top(_balance(w.reshape(out, units, spatial * k)), self.keep)
+            w = _emphasize(_balance(w.reshape(out, units, spatial * k)), self.power)
             y = torch.einsum("oik,im->okm", w, prev)
         y = y.reshape(out, -1)
         if y.shape[1] != self.m:
@@ -294,24 +295,20 @@ def _alive(squared_norms: torch.Tensor, rel: float = 1e-3) -> torch.Tensor:
     return squared_norms >= (rel * rel) * squared_norms.median()
 
 
-def _top(w: torch.Tensor, keep: float) -> torch.Tensor:
-    """Only the `keep` fraction of entries largest in magnitude (magnitude pruning removes the others).
+def _emphasize(w: torch.Tensor, power: float) -> torch.Tensor:
+    """Each entry times its magnitude to `power`: w |w|^power.
 
-    Works in place: `w` must be a fresh tensor of the caller's (every caller passes a product of its own).
-    One buffer of w's size is allocated; at model sizes a fresh one costs more in page faults than a pass.
+    The small entries, which magnitude pruning zeroes, then weigh little, and smoothly: a hard top-k cut
+    moves whole entries across its edge when pruning, rounding or balancing reorders their ranks. No scale
+    is fixed: every caller normalizes the units' rows after the product. Works in place: `w` must be a
+    fresh tensor of the caller's (every caller passes a product of its own); one buffer of its size.
     """
-    if keep >= 1.0 or w.numel() < 2:
+    if power == 0.0 or w.numel() == 0:
         return w
     magnitude = w.abs()
-    k = max(1, int(round((1.0 - keep) * magnitude.numel())))
-    if magnitude.is_cuda:
-        cut = torch.kthvalue(magnitude.flatten(), k).values
-    else:  # the same k-th value; numpy's introselect is several times faster than torch's on CPU
-        flat = magnitude.numpy().reshape(-1)  # a view: partitioned in place, then refilled
-        flat.partition(k - 1)
-        cut = float(flat[k - 1])
-        torch.abs(w, out=magnitude)
-    return w.mul_(magnitude.gt_(cut))
+    if power == 1.5:  # the default, in two multiplies and a square root: pow's exp and log cost 4x
+        return w.mul_(magnitude).mul_(magnitude.sqrt_())
+    return w.mul_(magnitude.pow_(power))
 
 
 def _balance(w: torch.Tensor, iterations: int = 12) -> torch.Tensor:
@@ -366,6 +363,7 @@ def _fixed_direction(m: int, device: str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _gaussian(rows: int, cols: int, salt: str) -> np.ndarray:
-    """A fixed Gaussian matrix, the same on every machine: seeded by its shape and purpose."""
+    """A fixed Gaussian matrix, the same on every machine: seeded by its shape and purpose (the v1 salt: wsig-v2
+    changed how entries are weighed, not its fixed randomness)."""
     seed = int.from_bytes(hashlib.sha256(f"wsig-v1/{salt}/{rows}x{cols}".encode()).digest()[:8], "little")
     return np.random.default_rng(seed).standard_normal((rows, cols))
