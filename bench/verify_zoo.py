@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.cache import is_complete, parse_zoo_args, read_manifest, start_fresh, write_manifest
+from bench.numerics import NUMERICS, build_in_child, is_portable, portable_kernels
 from bench.quality_zoo import (
     _digits_model,
     _fine_tunes,
@@ -50,7 +51,7 @@ from bench.quality_zoo import (
     prune,
     state_dict_of,
 )
-from bench.zoo import DigitsSplit, _one_thread, load_digits_split
+from bench.zoo import DigitsSplit, load_digits_split
 from pipeline.verify.surrogates import student_loss
 
 __all__ = ["DEFAULT_DIR", "KINDS", "SIZES", "build_verify_zoo", "comparisons", "load_zoo_model"]
@@ -165,13 +166,17 @@ def build_verify_zoo(out_dir: Path = DEFAULT_DIR, size: str = "full", seed: int 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     out_dir = Path(out_dir)
-    params = {"zoo_version": ZOO_VERSION, "size": size, "seed": seed, "torch": torch.__version__}
+    params = {"zoo_version": ZOO_VERSION, "size": size, "seed": seed, "torch": torch.__version__,
+              "numerics": NUMERICS}
     old = read_manifest(out_dir)
     if not force and is_complete(old, out_dir, params, extra_files=(SEEDS_NAME,)):
         return old
+    if not is_portable():  # this process's kernels are chosen: build in one that starts portable
+        build_in_child("bench.verify_zoo", out_dir, size, seed, force)
+        return read_manifest(out_dir)
     start_fresh(out_dir)
     start = time.perf_counter()
-    with _one_thread():
+    with portable_kernels():
         models = _build(out_dir, SIZES[size], seed, log)
     manifest = {"version": ZOO_VERSION, "params": params, "seeds": SEEDS_NAME, "models": models,
                 "seconds": round(time.perf_counter() - start, 1)}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from bench.numerics import NUMERICS, build_in_child, is_portable, portable_kernels
 from bench.quality import evaluate, hash_zoo, render
 from bench.quality_zoo import build_quality_zoo
 from pipeline.hashing import get_spec
@@ -26,8 +28,19 @@ def test_tiny_zoo_holds_originals_homologs_and_verified_copies(tiny_zoo):
         assert (root / m["name"] / m["file"]).is_file()
         if m["kind"] in ("permute", "rescale", "bnfold"):
             assert m["equivalence_error"] < 1e-4  # verified: the same outputs
-    assert json.loads((root / "zoo.json").read_text())["params"]["size"] == "tiny"
+    params = json.loads((root / "zoo.json").read_text())["params"]
+    assert params["size"] == "tiny" and params["numerics"] == NUMERICS  # built in a child with pinned kernels
     assert build_quality_zoo(root, size="tiny", log=lambda _: None) == manifest  # cached
+
+
+def test_zoos_build_in_a_child_with_portable_kernels(tmp_path):
+    assert not is_portable()  # this process's torch chose its kernels when it loaded
+    with pytest.raises(RuntimeError, match="exit status"):
+        build_in_child("bench.no_such_zoo", tmp_path, "tiny", 0, False)
+    enabled = torch.backends.mkldnn.enabled
+    with portable_kernels():
+        assert not torch.backends.mkldnn.enabled and torch.get_num_threads() == 1
+    assert torch.backends.mkldnn.enabled == enabled
 
 
 def test_metrics_for_both_specs(tiny_zoo):

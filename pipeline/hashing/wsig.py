@@ -99,11 +99,12 @@ class WSigSpec:
     max_values: int = 4_000_000  # weight values read per model (16 MB of float32), whatever its size
     magnitude_bits: int = 256  # per-block exact-weight codes (`magnitude.py`) beside the parts; 0: none
     device: str = "cpu"  # where the torch kernels run; not part of the name (same code)
-    # Calibrated on the quality zoo (bench/quality.py, built on an Intel Xeon; the zoo is deterministic per
-    # CPU kind, not across them): copy, a false-positive rate <= 0.1% over all its negative pairs, homologs
-    # included, for the whole code and for whole-or-any-block alike (0.05% / 0.06% at 55; 56 gives 0.10% /
-    # 0.11%: two close homolog originals bring their copies with them, so the rate moves in steps);
-    # related, <= 1% for both (0.89% / 0.94% at 59).
+    # Calibrated on the quality zoo (bench/quality.py): copy, a false-positive rate <= 0.1% over all its
+    # negative pairs, homologs included, for the whole code and for whole-or-any-block alike, on each of three
+    # builds whose bytes differ (ATen/oneDNN/MKL on AVX-512, the same held to AVX2, and the portable build the
+    # bench now makes, bench/numerics.py): 0.05% / 0.06%, 0.045% / 0.05%, 0.05% / 0.05% at 55. The portable
+    # build alone would allow 56 (0.07%), the first 55 (0.10% at 56): two close homolog originals bring their
+    # copies with them, so the rate moves in steps. related: <= 1% for both on the portable build (59).
     thresholds: Thresholds = field(default_factory=lambda: Thresholds(copy=COPY_BITS, related=RELATED_BITS))
 
     @property

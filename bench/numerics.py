@@ -1,0 +1,67 @@
+"""Portable numerics for the benchmark zoos: the same trained bytes on any x86-64 CPU with AVX2.
+
+Float kernels differ by CPU kind: ATen, oneDNN and MKL pick AVX2 or AVX-512 code paths, which round
+differently, so the same training recipe gave other weights on an AMD EPYC than on an Intel Xeon, and
+bench/RESULTS.md reproduced only on the CPU kind it was measured on. A zoo is therefore built in a child
+process started with ATen held to its AVX2 kernels (`ATEN_CPU_CAPABILITY`, read when torch loads) and MKL
+to its AVX2 conditional-numerical-reproducibility branch (`MKL_CBWR`, read when MKL loads), with oneDNN
+off (its kernels choose their instructions themselves) and one thread. Measured on an Intel Xeon (AVX-512):
+both zoos (250 and 111 models) the same bytes whether MKL may use AVX-512 or only AVX2, while an unpinned
+build held to AVX2 differs from them in 168 of the 250 models (and from an unpinned AVX-512 build: every
+trained architecture, checked last stop); the builds took 1.5x (quality zoo, 474 s) and 1.9x (verify zoo,
+368 s) their unpinned time, two builds side by side. An AMD CPU could not be tried here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from bench.zoo import _one_thread
+
+__all__ = ["NUMERICS", "PORTABLE_ENV", "build_in_child", "is_portable", "portable_kernels"]
+
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+NUMERICS = "avx2-cbwr-no-onednn"  # in a zoo's build parameters: a zoo built with other numerics is rebuilt
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_portable() -> bool:
+    """True in a process started with PORTABLE_ENV (only then are torch's and MKL's kernels pinned)."""
+    return all(os.environ.get(k) == v for k, v in PORTABLE_ENV.items())
+
+
+def build_in_child(module: str, out_dir: Path, size: str, seed: int, force: bool) -> None:
+    """Build a zoo with `python -m MODULE OUT_DIR --size SIZE --seed SEED [--force]` in a child process
+    started with PORTABLE_ENV (this process's torch has chosen its kernels already); its log goes to this
+    process's stdout.
+
+    Raises:
+        RuntimeError: the build failed (its exit status; its own error is in the log above).
+    """
+    env = {**os.environ, **PORTABLE_ENV,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = [sys.executable, "-m", module, str(Path(out_dir).resolve()), "--size", size, "--seed", str(seed)]
+    done = subprocess.run([*cmd, "--force"] if force else cmd, env=env, cwd=_ROOT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the zoo in {out_dir} failed ({' '.join(cmd[2:])}: exit status "
+                           f"{done.returncode})")
+
+
+@contextlib.contextmanager
+def portable_kernels() -> Iterator[None]:
+    """One torch thread and oneDNN off, restored after: with PORTABLE_ENV, kernels whose results do not
+    depend on the CPU kind."""
+    enabled = torch.backends.mkldnn.enabled  # (its `flags()` context also sets TF32 and warns about it)
+    torch.backends.mkldnn.enabled = False
+    try:
+        with _one_thread():
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
