@@ -1,4 +1,4 @@
-"""Portable numerics for the benchmark zoos: the same trained bytes on any x86-64 CPU with AVX2.
+"""Portable numerics for the benchmark zoos: trained bytes that should not depend on the x86-64 CPU kind.
 
 Float kernels differ by CPU kind: ATen, oneDNN and MKL pick AVX2 or AVX-512 code paths, which round
 differently, so the same training recipe gave other weights on an AMD EPYC than on an Intel Xeon, and
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cache import read_manifest
 from bench.zoo import _one_thread
 
 __all__ = ["NUMERICS", "PORTABLE_ENV", "build_in_child", "is_portable", "portable_kernels"]
@@ -37,10 +38,10 @@ def is_portable() -> bool:
     return all(os.environ.get(k) == v for k, v in PORTABLE_ENV.items())
 
 
-def build_in_child(module: str, out_dir: Path, size: str, seed: int, force: bool) -> None:
+def build_in_child(module: str, out_dir: Path, size: str, seed: int, force: bool) -> dict:
     """Build a zoo with `python -m MODULE OUT_DIR --size SIZE --seed SEED [--force]` in a child process
     started with PORTABLE_ENV (this process's torch has chosen its kernels already); its log goes to this
-    process's stdout.
+    process's stdout. Returns the manifest the child wrote.
 
     Raises:
         RuntimeError: the build failed (its exit status; its own error is in the log above).
@@ -52,6 +53,10 @@ def build_in_child(module: str, out_dir: Path, size: str, seed: int, force: bool
     if done.returncode != 0:
         raise RuntimeError(f"building the zoo in {out_dir} failed ({' '.join(cmd[2:])}: exit status "
                            f"{done.returncode})")
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise RuntimeError(f"building the zoo in {out_dir} wrote no manifest ({' '.join(cmd[2:])})")
+    return manifest
 
 
 @contextlib.contextmanager

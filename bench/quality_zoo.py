@@ -571,8 +571,7 @@ def build_quality_zoo(out_dir: Path = DEFAULT_DIR, size: str = "full", seed: int
     if not force and is_complete(old, out_dir, params):
         return old
     if not is_portable():  # this process's kernels are chosen: build in one that starts portable
-        build_in_child("bench.quality_zoo", out_dir, size, seed, force)
-        return read_manifest(out_dir)
+        return build_in_child("bench.quality_zoo", out_dir, size, seed, force)
     start_fresh(out_dir)
     start = time.perf_counter()
     with portable_kernels():

@@ -456,7 +456,7 @@ def render(reports: dict[tuple[str, str], Report], pairs: list[Pair], times: Tim
         "",
         f"Zoo (bench/verify_zoo.py, cached in bench/.cache/verify_zoo, built in {manifest.get('seconds', '?')} s "
         f"wall on 1 torch thread, beside other jobs on a shared 2-core machine, {cpu_model()}; like the quality zoo, "
-        f"trained with portable numerics, the same bytes on any x86-64 CPU with AVX2, bench/numerics.py; the "
+        f"trained with portable numerics, bench/numerics.py, whose bytes should not depend on the CPU kind; the "
         f"surrogates the probes train run on the machine's own kernels): {len(models)} models, "
         f"{n_by['original']} originals "
         f"({', '.join(sorted({m['arch'] for m in models}))}), {n_by['pirated']} pirated copies, "
