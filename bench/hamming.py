@@ -517,8 +517,8 @@ def _notes() -> list[str]:
         "",
         "- GPU: not measured. No GPU was lent to the session that ran this; the torch path "
         "(`pipeline/search/torch_hamming.py`, `top_k_many(..., device=\"cuda\")`) is checked for identical "
-        "results on the CPU above and in tests/test_hamming.py. On a GPU, run the same benchmark's torch rows "
-        "(`device=\"cuda\"`) against the GPU's bandwidth.",
+        "results on the CPU above and in tests/test_hamming.py. On a GPU, `python -m bench.gpu` checks "
+        "it against the numba scan and times both.",
         "- Sub-linear search (multi-index hashing) is not used: the sweep's radius is the spec's `related` "
         "distance (80 of 256 bits for nts), where pigeonhole over m substrings leaves radius >= 5 per 16-bit "
         "substring, thousands of probes per table and a large share of the index as candidates; it pays only "

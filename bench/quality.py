@@ -397,7 +397,8 @@ differ; `nts` keeps the thresholds calibrated on the demo zoo.
 Per-block codes include `wsig`'s exact-weight codes (`BLOCK#mag`: a block's largest float32 magnitudes,
 which magnitude pruning keeps); the 80%-pruned copies are found there. The cost ratio is against the same
 ranged reads replayed from the page cache, which no hash on 1 CPU thread approaches for models of a few MB;
-at 100 MB/s (a hub or S3 read) it is shown too. No GPU was at hand: the CUDA path of `wsig` is unchecked.
+at 100 MB/s (a hub or S3 read) it is shown too. No GPU was at hand: the CUDA path of `wsig` is unchecked
+(`python -m bench.gpu` is the prepared check: every model's codes on CUDA against the CPU's).
 This zoo trains 3 seeds per architecture: its false-positive rate rests on 3 independently trained pairs per
 architecture (and their copies). The verify zoo's table above is the check on more: where `wsig` puts
 independently trained digits models within its `copy` threshold (first layers on the pixels learn much the

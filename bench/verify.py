@@ -58,6 +58,7 @@ from pipeline.verify.behavior import (
     PAIR_METHODS,
     THRESHOLDS,
     Probe,
+    Verdict,
     core_points,
     make_probe,
     verify_group,
@@ -258,28 +259,40 @@ def _cached_pair(root: Path, source: str, shaping: list[str], suspects: list[tup
     return seconds
 
 
-def cold_on_all_cores(root: Path, manifest: dict, log: Callable[[str], None] = print) -> dict[str, tuple[float, float]]:
-    """(wall, CPU) of a first `agreement` pair from scratch on every core, per source: the source, its
-    shaping references and its first pirated suspect loaded, the conferrable probe built with nothing
-    cached (surrogates and search side by side, `pipeline.verify.workers`), the pair. The rest of the
-    bench runs on one torch thread."""
-    real = np.load(root / manifest["seeds"])
-    threads = torch.get_num_threads()
-    out: dict[str, tuple[float, float]] = {}
+def first_pirated(manifest: dict) -> dict[str, str]:
+    """Each source of the zoo and its first pirated suspect: the pair a cold query is timed on."""
     firsts: dict[str, str] = {}
     for src, suspect, relation, _ in comparisons(manifest):
         if relation == "pirated":
             firsts.setdefault(src["name"], suspect["name"])
+    return firsts
+
+
+def cold_pair(root: Path, manifest: dict, source: str, suspect: str, seeds: np.ndarray,
+              device: str = "cpu") -> tuple[float, float, Verdict]:
+    """(wall, CPU seconds, verdict) of a first `agreement` pair from scratch on `device`: the source, its
+    shaping references and the suspect loaded, the conferrable probe built with nothing cached, the pair."""
+    start, cpu = time.perf_counter(), time.process_time()
+    model = load_runnable(str(root / source), device=device)
+    references = {n: load_runnable(str(root / n), device=device) for n in _shaping_references(manifest, source)}
+    probe = make_probe(model, seeds=seeds, references=references)
+    verdict = verify_pair(probe, load_runnable(str(root / suspect), device=device), "agreement")
+    return time.perf_counter() - start, time.process_time() - cpu, verdict
+
+
+def cold_on_all_cores(root: Path, manifest: dict, log: Callable[[str], None] = print) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) of a first `agreement` pair from scratch on every core, per source (`cold_pair`; the
+    surrogates and the search side by side, `pipeline.verify.workers`). The rest of the bench runs on one
+    torch thread."""
+    real = np.load(root / manifest["seeds"])
+    threads = torch.get_num_threads()
+    out: dict[str, tuple[float, float]] = {}
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        for source, suspect in firsts.items():
-            start, cpu = time.perf_counter(), time.process_time()
-            model = load_runnable(str(root / source))
-            references = {n: load_runnable(str(root / n)) for n in _shaping_references(manifest, source)}
-            probe = make_probe(model, seeds=real, references=references)
-            verify_pair(probe, load_runnable(str(root / suspect)), "agreement")
-            out[source] = (time.perf_counter() - start, time.process_time() - cpu)
-            log(f"{source}: a cold conferrable pair on {torch.get_num_threads()} threads in {out[source][0]:.1f} s")
+        for source, suspect in first_pirated(manifest).items():
+            wall, cpu, _ = cold_pair(root, manifest, source, suspect, real)
+            out[source] = (wall, cpu)
+            log(f"{source}: a cold conferrable pair on {torch.get_num_threads()} threads in {wall:.1f} s")
     finally:
         torch.set_num_threads(threads)
     return out
@@ -809,7 +822,8 @@ seconds are the group's divided by its size. `working`: the pirated copies whose
 and 50% pruning the ResNets). Pair counts in the first table are `agreement`'s (`cluster`
 lacks its references). An error verdict counts as not pirated. The calibrated cut uses the seed-0 sources
 only; held-out rates are over the other sources. Wall seconds include the load of other jobs on this
-shared 2-core machine; CPU seconds are this process's own."""
+shared 2-core machine; CPU seconds are this process's own. No GPU was at hand: `python -m bench.gpu`
+is the prepared check, a cold pair per source on CUDA and on all of that machine's CPU cores."""
 
 
 # --------------------------------------------------------------------------------------------- main
