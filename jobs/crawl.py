@@ -336,7 +336,11 @@ def run(args: argparse.Namespace) -> CrawlSummary:
 
 def command(args: argparse.Namespace) -> int:
     """Run the crawl and print its summary: `modelhash crawl` and this module's main."""
-    print(run(args).line())
+    summary = run(args)
+    print(summary.line())
+    if summary.seen == 0:  # most often a mistyped path or filter: say so, as the index stays unwritten
+        print(f"modelhash: warning: no models found in {args.source} (a model is a folder holding a checkpoint: "
+              f".safetensors, .bin, .pt, .pth); nothing was written to {args.index}", file=sys.stderr)
     return 0
 
 

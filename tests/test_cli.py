@@ -87,6 +87,14 @@ def test_crawl_then_query_json(library, tmp_path):
 def test_query_of_a_missing_index_is_one_clear_line(library, tmp_path):
     proc = run("query", str(library["orig"]), "--index", str(tmp_path / "none"), check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "modelhash crawl SOURCE --index" in proc.stderr  # says how to make one
+
+
+def test_crawl_of_a_source_with_no_models_warns(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run("crawl", str(tmp_path / "empty"), "--index", str(tmp_path / "index"), "--no-progress")
+    assert "0 models seen" in proc.stdout
+    assert "warning: no models found" in proc.stderr and not (tmp_path / "index").exists()
 
 
 def test_unknown_spec(library):

@@ -217,7 +217,8 @@ class IndexReader:
         self.index_uri = index_uri
         self._fs, self._base = store.resolve(index_uri, filesystem=filesystem)
         if not store.exists(self._fs, self._base):
-            raise ModelIndexError(f"index {index_uri} does not exist")
+            raise ModelIndexError(
+                f"index {index_uri} does not exist (`modelhash crawl SOURCE --index {index_uri}` makes it)")
         records = [
             self._load_record(p)
             for p in store.list_files(self._fs, store.join(self._base, RUNS_DIR), suffix=".json")
