@@ -520,9 +520,10 @@ def _notes() -> list[str]:
         "results on the CPU above and in tests/test_hamming.py. On a GPU, `python -m bench.gpu` checks "
         "it against the numba scan and times both.",
         "- Sub-linear search (multi-index hashing) is not used: the sweep's radius is the spec's `related` "
-        "distance (80 of 256 bits for nts), where pigeonhole over m substrings leaves radius >= 5 per 16-bit "
-        "substring, thousands of probes per table and a large share of the index as candidates; it pays only "
-        "for radii below ~16 bits (ecosystem.md section 5).",
+        "distance (59 of 256 bits for the default `wsig`, 80 for `nts`), where pigeonhole over 16 substrings "
+        "of 16 bits leaves radius >= 3 per substring (>= 5 for `nts`): hundreds to thousands of probes per "
+        "table and a large share of the index as candidates; it pays only for radii below ~16 bits "
+        "(ecosystem.md section 5).",
         "",
     ]
 
