@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.hamming import median_seconds
 from bench.quality import hash_one
 from bench.quality_zoo import DEFAULT_DIR as QUALITY_ZOO_DIR
 from bench.results import cpu_model, write_section
@@ -133,7 +134,7 @@ def check_wsig(folders: Sequence[Path], device: str) -> tuple[str, list[str]]:
     for on_cpu, on_dev in hashed:
         cpu_secs.append(on_cpu.seconds)
         dev_secs.append(on_dev.seconds)
-        whole_diff.append(_bit_distance(on_cpu.code, on_dev.code))
+        whole_diff.append(hamming.distance(on_cpu.code, on_dev.code))
         parts_total += len(on_cpu.parts)
         part_diff += sum(on_dev.parts.get(k) != v for k, v in on_cpu.parts.items()) + len(
             set(on_dev.parts) - set(on_cpu.parts))
@@ -162,8 +163,8 @@ def check_hamming(device: str, sizes: Sequence[int], queries: int) -> tuple[str,
         ref_i, ref_d = hamming.top_k_many(c, q, K)
         got_i, got_d = hamming.top_k_many(c, q, K, device=dev)
         same = np.array_equal(ref_i, got_i) and np.array_equal(ref_d, got_d)
-        t_numba = _median(hamming.top_k_many, c, q, K)
-        t_dev = _median(hamming.top_k_many, c, q, K, device=dev)
+        t_numba = median_seconds(lambda _, c=c: hamming.top_k_many(c, q, K), 3)
+        t_dev = median_seconds(lambda _, c=c: hamming.top_k_many(c, q, K, device=dev), 3)
         rows.append(f"- N = {n:,}, {queries} queries, k = {K}: {'identical' if same else 'DIFFERENT'}; numba on "
                     f"{os.cpu_count()} cores {t_numba:.3f} s, torch on {device} {t_dev:.3f} s (codes copied "
                     f"to the device in each call; medians of 3)")
@@ -204,19 +205,6 @@ def _section(titled: tuple[str, list[str]]) -> list[str]:
     out = [f"### {title}", "", *rows, ""]
     print("\n".join(out), flush=True)
     return out
-
-
-def _bit_distance(a: bytes, b: bytes) -> int:
-    return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
-
-
-def _median(fn: Callable[..., object], *args: object, repeats: int = 3, **kwargs: object) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def _warm_up(device: str) -> None:

@@ -128,7 +128,8 @@ def _machine(faiss) -> list[str]:
     ]
 
 
-def _median(fn: Callable[[int], object], repeats: int) -> float:
+def median_seconds(fn: Callable[[int], object], repeats: int) -> float:
+    """Median wall seconds of `fn(r)` for r in range(repeats)."""
     times = []
     for r in range(repeats):
         t = time.perf_counter()
@@ -141,8 +142,8 @@ def _bandwidth() -> tuple[float, float]:
     src = np.ones(1 << 27, dtype=np.uint64)  # 1 GiB
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    copy = _median(lambda _: np.copyto(dst, src), 5)
-    read = _median(lambda _: src.sum(), 5)
+    copy = median_seconds(lambda _: np.copyto(dst, src), 5)
+    read = median_seconds(lambda _: src.sum(), 5)
     return 2 * src.nbytes / copy / 1e9, src.nbytes / read / 1e9
 
 
@@ -206,12 +207,12 @@ def _one_query(codes, queries, index, sizes, bw_copy) -> list[str]:
         view = codes[:n]
         sub = index if n == codes.shape[0] else _faiss_index(view)
         reps = 21 if n <= 1_000_000 else 11
-        ours = _median(lambda r, v=view: hamming.top_k(v, queries[r % len(queries)], K), reps)
-        ours1 = _median(lambda r, v=view: hamming.top_k(v, queries[r % len(queries)], K, threads=1), reps)
+        ours = median_seconds(lambda r, v=view: hamming.top_k(v, queries[r % len(queries)], K), reps)
+        ours1 = median_seconds(lambda r, v=view: hamming.top_k(v, queries[r % len(queries)], K, threads=1), reps)
         fa_by_threads = {}
         for threads in (1, default):
             faiss.omp_set_num_threads(threads)
-            fa_by_threads[threads] = _median(
+            fa_by_threads[threads] = median_seconds(
                 lambda r, s=sub: s.search(queries[r % len(queries)].view(np.uint8)[None, :], K), reps
             )
         faiss.omp_set_num_threads(default)
@@ -244,8 +245,8 @@ def _many_queries(codes, queries, index, sizes, repeats) -> list[str]:
     for n in sizes:
         view = codes[:n]
         sub = index if n == codes.shape[0] else _faiss_index(view)
-        ours = _median(lambda _, v=view: hamming.top_k_many(v, queries, K), repeats)
-        fa = _median(lambda _, s=sub: s.search(queries.view(np.uint8), K), repeats)
+        ours = median_seconds(lambda _, v=view: hamming.top_k_many(v, queries, K), repeats)
+        fa = median_seconds(lambda _, s=sub: s.search(queries.view(np.uint8), K), repeats)
         pairs = n * nq
         rows.append(
             f"| {n:,} | {ours:.3f} | {fa:.3f} | **{fa / ours:.2f}x** | {ours * 2 / pairs * 1e9:.2f} | "
@@ -440,13 +441,13 @@ def _measure_load(path: str, n: int, *, rss_only: bool = False) -> dict:
         "held": loaded.nbytes,
         "codes": loaded.codes.nbytes,
         "locator": loaded.plan.nbytes,
-        "one": _median(lambda _, c=loaded: c.identities(lookup.choice(n, K, replace=False)), 5),
-        "many": _median(lambda _, c=loaded: c.identities(lookup.choice(n, batch, replace=False)), 3),
+        "one": median_seconds(lambda _, c=loaded: c.identities(lookup.choice(n, K, replace=False)), 5),
+        "many": median_seconds(lambda _, c=loaded: c.identities(lookup.choice(n, batch, replace=False)), 3),
         "batch": batch,
     }
     del loaded
     gc.collect()
-    out["warm"] = _median(lambda _: IndexReader(path).load_codes(SPEC), 2)
+    out["warm"] = median_seconds(lambda _: IndexReader(path).load_codes(SPEC), 2)
     return out
 
 

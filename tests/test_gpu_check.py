@@ -15,13 +15,12 @@ def folders(tmp_path_factory):
     return [save_model(root / f"mlp-{seed}", mlp_state(seed)) for seed in (0, 1)]
 
 
-def test_codes_compared_bit_for_bit(folders):
-    _, rows = check_wsig(folders, "cpu")
+# The CPU against itself everywhere; CUDA against the CPU on a machine that has a GPU (bench.gpu's point).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_codes_compared_bit_for_bit(folders, device):
+    _, rows = check_wsig(folders, device)
     assert "whole-model codes identical: 2 of 2; most bits apart 0" in rows[1]
     assert rows[2].startswith("- per-block codes identical: ") and rows[2].split(": ")[1].split(" of ")[0] != "0"
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_wsig_on_cuda_gives_the_cpu_codes(folders):
-    _, rows = check_wsig(folders, "cuda")
-    assert "whole-model codes identical: 2 of 2" in rows[1]
