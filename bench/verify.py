@@ -28,7 +28,7 @@ real inputs that the source and four surrogates distilled from it label alike an
 each pair with the default weight hash's verdict: a stage-1 copy is pirated whatever its behaviour.
 
     python -m bench.verify [--zoo DIR] [--size full|tiny] [--probes core-real,...] [--no-write]
-                           [--json PATH] [--from-json PATH]
+                           [--probe-seed N] [--json PATH] [--from-json PATH]
 """
 
 from __future__ import annotations
@@ -110,17 +110,19 @@ class Pair:
 # --------------------------------------------------------------------------------------------- run
 
 
-def _boundary_probe(probe: Probe, seeds: np.ndarray | None) -> Probe:
+def _boundary_probe(probe: Probe, seeds: np.ndarray | None, seed: int = 0) -> Probe:
     """The same probe with near-boundary points in place of the core points (ddv pairs unchanged)."""
     start = time.perf_counter()
-    points = core_points(probe.source, seeds=seeds, variant="boundary")
+    points = core_points(probe.source, seeds=seeds, variant="boundary", seed=seed)
     return Probe(source=probe.source, core=points, source_probs=probe.source.probs(points.inputs),
                  pairs=probe.pairs, source_ddv=probe.source_ddv, seconds=time.perf_counter() - start)
 
 
 def run(root: Path, manifest: dict, probes: Sequence[str] = tuple(PROBES),
-        log: Callable[[str], None] = print) -> tuple[list[Pair], Timings]:
-    """Verify every comparison pair with every method under every probe.
+        log: Callable[[str], None] = print, seed: int = 0) -> tuple[list[Pair], Timings]:
+    """Verify every comparison pair with every method under every probe, each probe searched from `seed`
+    (its random starts and, for the conferrable probe, its surrogates: another seed tells how much a
+    figure owes to one draw).
 
     Returns:
         The pairs, and timings: `load` {model: (wall, CPU seconds)}, `probe:NAME` {source: (wall, CPU)},
@@ -173,10 +175,11 @@ def run(root: Path, manifest: dict, probes: Sequence[str] = tuple(PROBES),
                 # they are then no suspects of this probe.
                 shaping = _shaping_references(manifest, source_name)
                 cache = ProbeCache(cache_root / probe_name)
-                probe = make_probe(source, seeds=seeds, references={n: model(n) for n in shaping}, cache=cache)
+                probe = make_probe(source, seeds=seeds, references={n: model(n) for n in shaping}, cache=cache,
+                                   seed=seed)
                 times[f"probe:{probe_name}"][source_name] = (time.perf_counter() - start, time.process_time() - cpu)
                 times[f"cached:{probe_name}"][source_name] = _cached_pair(root, source_name, shaping, suspects, seeds,
-                                                                          cache)
+                                                                          cache, seed)
                 for suspect_row, relation, kind in suspects:
                     if suspect_row["name"] in shaping:
                         continue
@@ -188,11 +191,12 @@ def run(root: Path, manifest: dict, probes: Sequence[str] = tuple(PROBES),
                                           time.process_time() - cpu, v.reason, works(suspect_row)))
                 continue
             if points == "core":
-                probe = make_probe(source, seeds=seeds)
+                probe = make_probe(source, seeds=seeds, seed=seed)
                 if inputs == "real":
                     base = probe
             else:
-                probe = _boundary_probe(base if base is not None else make_probe(source, seeds=seeds), seeds)
+                core = base if base is not None else make_probe(source, seeds=seeds, seed=seed)
+                probe = _boundary_probe(core, seeds, seed)
             times[f"probe:{probe_name}"][source_name] = (time.perf_counter() - start, time.process_time() - cpu)
             methods = PAIR_METHODS if points == "core" else ("agreement", "distance")
             references = {n: model(n) for n in pool}
@@ -244,14 +248,14 @@ def run(root: Path, manifest: dict, probes: Sequence[str] = tuple(PROBES),
 
 
 def _cached_pair(root: Path, source: str, shaping: list[str], suspects: list[tuple[dict, str, str]],
-                 seeds: np.ndarray | None, cache: ProbeCache) -> tuple[float, float]:
+                 seeds: np.ndarray | None, cache: ProbeCache, seed: int = 0) -> tuple[float, float]:
     """(wall, CPU) of a later query about the same source: the source, its references and a suspect
     loaded from disk, the probe read from the cache the first query filled, one `agreement` pair."""
     suspect = next(row["name"] for row, _, _ in suspects if row["name"] not in shaping)
     start, cpu = time.perf_counter(), time.process_time()
     source_model = load_runnable(str(root / source))
     references = {n: load_runnable(str(root / n)) for n in shaping}
-    probe = make_probe(source_model, seeds=seeds, references=references, cache=cache)
+    probe = make_probe(source_model, seeds=seeds, references=references, cache=cache, seed=seed)
     verify_pair(probe, load_runnable(str(root / suspect)), "agreement")
     seconds = (time.perf_counter() - start, time.process_time() - cpu)
     if not (probe.shaped_by or {}).get("cached"):
@@ -821,9 +825,11 @@ seconds are the group's divided by its size. `working`: the pirated copies whose
 0.9x their original's (bench/quality.py's rule; plain 80% pruning leaves CNNs and ResNets near chance,
 and 50% pruning the ResNets). Pair counts in the first table are `agreement`'s (`cluster`
 lacks its references). An error verdict counts as not pirated. The calibrated cut uses the seed-0 sources
-only; held-out rates are over the other sources. Wall seconds include the load of other jobs on this
-shared 2-core machine; CPU seconds are this process's own. No GPU was at hand: `python -m bench.gpu`
-is the prepared check, a cold pair per source on CUDA and on all of that machine's CPU cores."""
+only; held-out rates are over the other sources. Every probe here is one draw, searched from seed 0
+(its random starts and surrogates); `--probe-seed N` searches another and prints its figures. Wall seconds
+include the load of other jobs on this shared 2-core machine; CPU seconds are this process's own. No GPU
+was at hand: `python -m bench.gpu` is the prepared check, a cold pair per source on CUDA and on all of that
+machine's CPU cores."""
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -835,6 +841,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="full", help="zoo size: full or tiny")
     p.add_argument("--probes", default=",".join(PROBES), help="comma-separated: " + ", ".join(PROBES))
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    p.add_argument("--probe-seed", type=int, default=0, metavar="N",
+                   help="search every probe from seed N (default 0, the figures in RESULTS.md); another seed "
+                        "prints only, as --no-write")
     p.add_argument("--json", type=Path, help="also write every pair's verdict and the timings here")
     p.add_argument("--from-json", type=Path, help="render the verdicts a previous --json wrote; verify nothing")
     return p.parse_args(argv)
@@ -844,14 +853,16 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     manifest = build_verify_zoo(args.zoo, args.size, log=lambda s: print(s, flush=True))
     probes = [p for p in args.probes.split(",") if p]
+    seed = args.probe_seed
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
+        seed = saved.get("probe_seed", 0)
         pairs = [Pair(**p) for p in saved["pairs"]]
         times = {k: {n: tuple(v) for n, v in d.items()} for k, d in saved["times"].items()}
         probes = [p for p in probes if any(x.probe == p for x in pairs)]
     else:
         start = time.perf_counter()
-        pairs, times = run(args.zoo, manifest, probes, log=lambda s: print(s, flush=True))
+        pairs, times = run(args.zoo, manifest, probes, log=lambda s: print(s, flush=True), seed=seed)
         if CONFERRABLE in probes:
             times[f"cores:{CONFERRABLE}"] = cold_on_all_cores(args.zoo, manifest, log=lambda s: print(s, flush=True))
         print(f"{len(pairs)} verdicts in {time.perf_counter() - start:.1f} s", flush=True)
@@ -863,10 +874,13 @@ def main(args: argparse.Namespace) -> int:
     reports = {(p, m): evaluate(judged, p, m) for p in probes for m in every
                if any(x.probe == p and x.method == m for x in judged)}
     if args.json and not args.from_json:
-        args.json.write_text(json.dumps({"pairs": [asdict(p) for p in pairs], "times": times}) + "\n")
+        saved = {"pairs": [asdict(p) for p in pairs], "times": times, "probe_seed": seed}
+        args.json.write_text(json.dumps(saved) + "\n")
     table = render(reports, judged, times, manifest)
     print(table)
-    if not args.no_write:
+    if seed != 0:
+        print(f"(every probe searched from seed {seed}; bench/RESULTS.md holds seed 0's and is left alone)")
+    elif not args.no_write:
         write_section("verify", table)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -115,3 +116,30 @@ def test_bench_verify_end_to_end(tiny):
     table = render(reports, pairs, times, manifest)
     assert "| ft-short (" in table and "`cluster-all`" in table and "a pair from scratch" in table
     assert "Per-source calibration against homolog references" in table and "| `ddv`, 1 reference |" in table
+
+
+def test_bench_verify_probe_seed(tiny, tmp_path, capsys):
+    """Another probe seed searches other core points (the figures' spread over draws), and a run from it
+    never replaces RESULTS.md's seed-0 section, even rendered later from its --json."""
+    from bench.results import RESULTS
+    from bench.verify import main, parse_args, run
+    from bench.zoo import _one_thread
+
+    root, manifest = tiny
+    with _one_thread():
+        pairs = {seed: run(root, manifest, probes=("core-generated",), log=lambda _: None, seed=seed)[0]
+                 for seed in (0, 1)}
+    scores = {seed: {(p.method, p.source, p.suspect): p.score for p in ps} for seed, ps in pairs.items()}
+    assert scores[0].keys() == scores[1].keys()
+    assert any(scores[0][k] != scores[1][k] for k in scores[0])
+    saved = tmp_path / "seed1.json"
+    saved.write_text(json.dumps({"pairs": [asdict(p) for p in pairs[1]], "times": {}, "probe_seed": 1}))
+    before = RESULTS.read_bytes() if RESULTS.exists() else None
+    try:
+        assert main(parse_args(["--zoo", str(root), "--size", "tiny", "--probes", "core-generated",
+                                "--from-json", str(saved)])) == 0
+        assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
+    finally:  # a failure must not leave the repository's RESULTS.md holding a tiny zoo's figures
+        if before is not None:
+            RESULTS.write_bytes(before)
+    assert "searched from seed 1" in capsys.readouterr().out

@@ -43,7 +43,9 @@ SURROGATE_ROUNDS = 2
 # a point of the source's test accuracy (one ResNet student of four 4.5 points below), a CNN's four cost
 # about 13 s on one CPU thread (17 ms a step: half of its conferrable probe), and the probe's AUC held (0.961
 # against 0.959 with 400 steps; 100 steps at 3x the rate, 0.954; at 2x, 0.952 with 2 homologs of 207 called
-# pirated).
+# pirated). On the rebuilt zoo (these settings 0.9520): 150 steps 0.9535 from probe seed 0, but with 2n
+# starts 0.9529 from seed 0 and 0.9384 from seed 1 (see CONFERRABLE_POOL); 120 steps with 2n starts 0.9427;
+# 100 steps 0.9482; one round (two students) with 2n starts 0.9405.
 SURROGATE_STEPS = 200
 SURROGATE_BATCH = 64
 SURROGATE_LR = 1e-3
