@@ -71,7 +71,9 @@ TOKEN_POINTS = 100
 # Cheaper settings on the rebuilt zoo, each a fifth to a third less work (`python -m bench.verify --probes
 # conferrable-real`; these settings 0.9520 from probe seed 0, 0.9523 from seed 1): 64 points 0.9432; pool 2,
 # 0.9499; pool 2 with 150 surrogate steps 0.9529 from seed 0 but 0.9384 from seed 1 (one draw's luck, not a
-# free quarter); the same halving after 15% of the steps 0.9461, or with 85 steps 0.9445.
+# free quarter); the same halving after 15% of the steps 0.9461, or with 85 steps 0.9445. AVOID 4 (the same
+# work): 0.9543 / 0.9577 from seeds 0 / 1 and no homolog called pirated, but more copies missed at the 0.75
+# cut (26 and 23 of 81 against 24 and 22): no clear gain, so 3 stays.
 CONFERRABLE_POINTS = 100
 CONFERRABLE_STEPS = 100
 CONFERRABLE_POOL = 4
