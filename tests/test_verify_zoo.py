@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -119,27 +118,31 @@ def test_bench_verify_end_to_end(tiny):
 
 
 def test_bench_verify_probe_seed(tiny, tmp_path, capsys):
-    """Another probe seed searches other core points (the figures' spread over draws), and a run from it
-    never replaces RESULTS.md's seed-0 section, even rendered later from its --json."""
+    """`--probe-seed` searches other core points (the figures' spread over draws), and a run from another
+    seed never replaces RESULTS.md's seed-0 section: neither the run itself nor its --json rendered later."""
     from bench.results import RESULTS
     from bench.verify import main, parse_args, run
     from bench.zoo import _one_thread
 
     root, manifest = tiny
     with _one_thread():
-        pairs = {seed: run(root, manifest, probes=("core-generated",), log=lambda _: None, seed=seed)[0]
-                 for seed in (0, 1)}
-    scores = {seed: {(p.method, p.source, p.suspect): p.score for p in ps} for seed, ps in pairs.items()}
-    assert scores[0].keys() == scores[1].keys()
-    assert any(scores[0][k] != scores[1][k] for k in scores[0])
+        seed0 = run(root, manifest, probes=("core-generated",), log=lambda _: None)[0]
     saved = tmp_path / "seed1.json"
-    saved.write_text(json.dumps({"pairs": [asdict(p) for p in pairs[1]], "times": {}, "probe_seed": 1}))
     before = RESULTS.read_bytes() if RESULTS.exists() else None
+    common = ["--zoo", str(root), "--size", "tiny", "--probes", "core-generated"]
+    threads = torch.get_num_threads()  # main sets one thread for the process, as the bench runs
     try:
-        assert main(parse_args(["--zoo", str(root), "--size", "tiny", "--probes", "core-generated",
-                                "--from-json", str(saved)])) == 0
+        assert main(parse_args([*common, "--probe-seed", "1", "--json", str(saved)])) == 0
+        assert main(parse_args([*common, "--from-json", str(saved)])) == 0
         assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
     finally:  # a failure must not leave the repository's RESULTS.md holding a tiny zoo's figures
+        torch.set_num_threads(threads)
         if before is not None:
             RESULTS.write_bytes(before)
-    assert "searched from seed 1" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("searched from seed 1") == 2
+    data = json.loads(saved.read_text())
+    assert data["probe_seed"] == 1
+    scores = [{(p["method"], p["source"], p["suspect"]): p["score"] for p in data["pairs"]},
+              {(p.method, p.source, p.suspect): p.score for p in seed0}]
+    assert scores[0].keys() == scores[1].keys()
+    assert any(scores[0][k] != scores[1][k] for k in scores[0])
