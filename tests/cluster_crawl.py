@@ -1,5 +1,6 @@
 """Run by test_crawl_faults.py in its own process: a crawl on a `ray.cluster_utils.Cluster` whose worker
-node is killed mid-crawl and replaced. Prints the crawl summary as JSON."""
+node is killed mid-crawl and replaced. Writes the crawl summary as JSON to a file: the cluster's own
+processes share this process's stdout, and a raylet line can come after anything printed there."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ray.cluster_utils import Cluster
 from jobs.crawl import crawl
 
 
-def main(source: str, index: str) -> None:
+def main(source: str, index: str, report: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20})
     worker = cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -35,11 +36,11 @@ def main(source: str, index: str) -> None:
     time.sleep(1)
     cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
     thread.join(timeout=240)
-    print(json.dumps({"summary": result, "runs_before_kill": killed_at, "finished": not thread.is_alive()}))
-    sys.stdout.flush()
+    Path(report).write_text(json.dumps({"summary": result, "runs_before_kill": killed_at,
+                                        "finished": not thread.is_alive()}))
     ray.shutdown()
     cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -81,11 +81,11 @@ def test_a_node_lost_mid_crawl_loses_no_model(tmp_path):
     index = tmp_path / "ix"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": f"{HERE}:{HERE.parent}"}
     proc = subprocess.run(
-        [sys.executable, str(HERE / "cluster_crawl.py"), str(source), str(index)],
+        [sys.executable, str(HERE / "cluster_crawl.py"), str(source), str(index), str(tmp_path / "report.json")],
         env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "report.json").read_text())
     assert report["finished"] and report["runs_before_kill"] < n // 5
     summary = report["summary"]
     assert (summary["seen"], summary["hashed"], summary["failed"]) == (n, n, 0)
