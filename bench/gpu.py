@@ -47,6 +47,7 @@ from bench.quality_zoo import DEFAULT_DIR as QUALITY_ZOO_DIR
 from bench.results import cpu_model, write_section
 from bench.verify import cold_pair, first_pirated
 from bench.verify_zoo import DEFAULT_DIR as VERIFY_ZOO_DIR
+from bench.zoo import torch_threads
 from pipeline.hashing import get_spec
 from pipeline.search import hamming
 
@@ -125,12 +126,8 @@ def check_wsig(folders: Sequence[Path], device: str) -> tuple[str, list[str]]:
     hash_one(folders[0], dev_spec)  # the device's first kernels (and the fixed projections) off the clock
     whole_diff, part_diff, parts_total = [], 0, 0
     cpu_secs, dev_secs = [], []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a crawl's tasks hash, and bench.quality measures
-    try:
+    with torch_threads(1):  # as a crawl's tasks hash, and bench.quality measures
         hashed = [(hash_one(folder, cpu_spec), hash_one(folder, dev_spec)) for folder in folders]
-    finally:
-        torch.set_num_threads(threads)
     for on_cpu, on_dev in hashed:
         cpu_secs.append(on_cpu.seconds)
         dev_secs.append(on_dev.seconds)
@@ -174,15 +171,13 @@ def check_hamming(device: str, sizes: Sequence[int], queries: int) -> tuple[str,
 def check_stage2(root: Path, manifest: dict, sources: Sequence[tuple[str, str]], device: str) -> tuple[str, list[str]]:
     """A cold conferrable pair per source on `device`, then on every CPU core, with the verdicts."""
     seeds = np.load(root / manifest["seeds"])
-    threads = torch.get_num_threads()
     rows = ["| source | suspect | on " + device + ": seconds, verdict | on " + f"{os.cpu_count()} CPU cores"
             + ": seconds, verdict |", "|---|---|---|---|"]
     walls: dict[str, list[float]] = {f"on {device}": [], f"on {os.cpu_count()} CPU cores": []}
-    try:
+    with torch_threads(os.cpu_count() or 1):
         for source, suspect in sources:
             cells = []
             for on, times in zip((device, "cpu"), walls.values(), strict=True):
-                torch.set_num_threads(os.cpu_count() or 1)
                 try:
                     wall, _, verdict = cold_pair(root, manifest, source, suspect, seeds, device=on)
                 except Exception as exc:  # noqa: BLE001 - one pair's failure is a cell, not the end of the run
@@ -193,8 +188,6 @@ def check_stage2(root: Path, manifest: dict, sources: Sequence[tuple[str, str]],
                              else f"{wall:.1f} s, {verdict.verdict}: {verdict.reason}")
             rows.append(f"| {source} | {suspect} | {cells[0]} | {cells[1]} |")
             print(f"stage 2: {source}: {' / '.join(cells)}", flush=True)
-    finally:
-        torch.set_num_threads(threads)
     medians = ", ".join(f"{on} {np.median(w):.1f}" if w else f"{on} none" for on, w in walls.items())
     rows += ["", f"Median seconds: {medians}; the goal is under 10 s."]
     return "Stage 2: a cold conferrable pair (`agreement`), from loading to verdict", rows

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.cache import read_manifest
-from bench.zoo import _one_thread
+from bench.zoo import torch_threads
 
 __all__ = ["NUMERICS", "PORTABLE_ENV", "build_in_child", "is_portable", "portable_kernels"]
 
@@ -66,7 +66,7 @@ def portable_kernels() -> Iterator[None]:
     enabled = torch.backends.mkldnn.enabled  # (its `flags()` context also sets TF32 and warns about it)
     torch.backends.mkldnn.enabled = False
     try:
-        with _one_thread():
+        with torch_threads(1):
             yield
     finally:
         torch.backends.mkldnn.enabled = enabled

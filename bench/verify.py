@@ -50,6 +50,7 @@ from sklearn.metrics import roc_auc_score
 
 from bench.results import cpu_model, write_section
 from bench.verify_zoo import DEFAULT_DIR, HOMOLOG_KINDS, PIRATED_KINDS, UNRELATED_KINDS, build_verify_zoo, comparisons
+from bench.zoo import torch_threads
 from jobs.query import hash_uri
 from pipeline.cli import compare
 from pipeline.verify.behavior import (
@@ -289,16 +290,12 @@ def cold_on_all_cores(root: Path, manifest: dict, log: Callable[[str], None] = p
     surrogates and the search side by side, `pipeline.verify.workers`). The rest of the bench runs on one
     torch thread."""
     real = np.load(root / manifest["seeds"])
-    threads = torch.get_num_threads()
     out: dict[str, tuple[float, float]] = {}
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with torch_threads(os.cpu_count() or 1):
         for source, suspect in first_pirated(manifest).items():
             wall, cpu, _ = cold_pair(root, manifest, source, suspect, real)
             out[source] = (wall, cpu)
             log(f"{source}: a cold conferrable pair on {torch.get_num_threads()} threads in {wall:.1f} s")
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

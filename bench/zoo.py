@@ -267,14 +267,14 @@ def _copies(model: nn.Module, data: DigitsSplit, seed: int) -> list[tuple[str, S
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread, then restore the caller's setting.
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch on `n` CPU threads, then restore the caller's setting.
 
-    CPU reductions may split differently with the thread count, so one thread makes the zoo the same
-    bytes on any machine; on a busy 2-core box it is also faster than two threads fighting for cores.
+    The zoos train on one: CPU reductions may split differently with the thread count, so one thread makes
+    the same bytes on any machine; on a busy 2-core box it is also faster than two threads fighting for cores.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -312,7 +312,7 @@ def build_demo_zoo(out_dir: Path, seed: int = 0, force: bool = False) -> dict:
             shutil.rmtree(out_dir / name, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with _one_thread():
+    with torch_threads(1):
         models = _build(out_dir, seed)
     manifest = {"version": ZOO_VERSION, "params": params, "models": models}
     write_manifest(out_dir, manifest, indent=2)

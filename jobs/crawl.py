@@ -26,7 +26,7 @@ from pipeline.index.plan import ContentKey, IndexState, content_key, load_state
 from pipeline.index.rows import duplicate_row, error_row, ok_row
 from pipeline.index.schema import STATUS_DUPLICATE, STATUS_OK
 from pipeline.index.writer import ShardWriter
-from pipeline.refs import ModelRef
+from pipeline.refs import CHECKPOINT_SUFFIXES, ModelRef
 from pipeline.retry import RATE_ENV
 from pipeline.settings import Settings
 from pipeline.sources import list_models, source_name
@@ -340,7 +340,7 @@ def command(args: argparse.Namespace) -> int:
     print(summary.line())
     if summary.seen == 0:  # most often a mistyped path or filter: say so, as the index stays unwritten
         print(f"modelhash: warning: no models found in {args.source} (a model is a folder holding a checkpoint: "
-              f".safetensors, .bin, .pt, .pth); nothing was written to {args.index}", file=sys.stderr)
+              f"{', '.join(CHECKPOINT_SUFFIXES)}); nothing was written to {args.index}", file=sys.stderr)
     return 0
 
 

@@ -87,10 +87,10 @@ def test_students_learn_the_task_and_share_no_weights(tiny):
 
 def test_bench_verify_end_to_end(tiny):
     from bench.verify import METHODS, REF_METHODS, calibrate, evaluate, render, run
-    from bench.zoo import _one_thread
+    from bench.zoo import torch_threads
 
     root, manifest = tiny
-    with _one_thread():  # as the bench runs: two threads on a busy 2-core box run many times slower
+    with torch_threads(1):  # as the bench runs: two threads on a busy 2-core box run many times slower
         pairs, times = run(root, manifest, probes=("core-real",), log=lambda _: None)
     assert {p.method for p in pairs} == {*METHODS, *REF_METHODS}
     assert all(p.verdict in ("pirated", "homolog", "unrelated") and p.score is not None for p in pairs
@@ -122,21 +122,20 @@ def test_bench_verify_probe_seed(tiny, tmp_path, capsys):
     seed never replaces RESULTS.md's seed-0 section: neither the run itself nor its --json rendered later."""
     from bench.results import RESULTS
     from bench.verify import main, parse_args, run
-    from bench.zoo import _one_thread
+    from bench.zoo import torch_threads
 
     root, manifest = tiny
-    with _one_thread():
+    with torch_threads(1):
         seed0 = run(root, manifest, probes=("core-generated",), log=lambda _: None)[0]
     saved = tmp_path / "seed1.json"
     before = RESULTS.read_bytes() if RESULTS.exists() else None
     common = ["--zoo", str(root), "--size", "tiny", "--probes", "core-generated"]
-    threads = torch.get_num_threads()  # main sets one thread for the process, as the bench runs
     try:
-        assert main(parse_args([*common, "--probe-seed", "1", "--json", str(saved)])) == 0
-        assert main(parse_args([*common, "--from-json", str(saved)])) == 0
+        with torch_threads(torch.get_num_threads()):  # main sets one thread for the process: restored after
+            assert main(parse_args([*common, "--probe-seed", "1", "--json", str(saved)])) == 0
+            assert main(parse_args([*common, "--from-json", str(saved)])) == 0
         assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
     finally:  # a failure must not leave the repository's RESULTS.md holding a tiny zoo's figures
-        torch.set_num_threads(threads)
         if before is not None:
             RESULTS.write_bytes(before)
     assert capsys.readouterr().out.count("searched from seed 1") == 2
