@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bench.zoo import fine_tune, load_digits_split, save_checkpoint, state_dict_of, train_mlp
+from bench.zoo import fine_tune, load_digits_split, save_checkpoint, state_dict_of, torch_threads, train_mlp
 from jobs.crawl import crawl
 from jobs.stage2 import load_references
 from jobs.sweep import sweep
@@ -32,9 +32,7 @@ WIDE = {"max_distance": 256, "verify_max_distance": 256}
 def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
     """A protected MLP and an index (crawled from a relative path) of its copies, a homolog and bad models."""
     root = tmp_path_factory.mktemp("stage2")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: more threads only contend on a shared machine
-    try:
+    with torch_threads(1):  # tiny batches: more threads only contend on a shared machine
         data = load_digits_split()
         original = train_mlp(data, seed=0)
         tuned = fine_tune(original, data, seed=1000)
@@ -42,8 +40,6 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
         reference = train_mlp(data, seed=6)  # the owner's own homologs: references, not in the index
         reference2 = train_mlp(data, seed=7)
         reference3 = train_mlp(data, seed=8)
-    finally:
-        torch.set_num_threads(threads)
     weights = state_dict_of(original)
     save_checkpoint(root / "protected" / "orig", weights, "mlp")
     save_checkpoint(root / "refs" / "h6", state_dict_of(reference), "mlp")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bench.quality_zoo import bnfold
-from bench.zoo import fine_tune, load_digits_split, make_model, state_dict_of, train_cnn, train_mlp
+from bench.zoo import fine_tune, load_digits_split, make_model, state_dict_of, torch_threads, train_cnn, train_mlp
 from pipeline.cli import main as cli_main
 from pipeline.errors import VerifyError
 from pipeline.verify.archs import TinyGPT
@@ -94,11 +94,18 @@ def _confident_gpt(seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """This module's models are tiny: one torch thread for all of it (more only contend on a shared
+    machine), the caller's setting restored after it."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Model folders by role, trained on digits."""
     root = tmp_path_factory.mktemp("verify_zoo")
-    torch.set_num_threads(1)
     data = load_digits_split()
     source = train_mlp(data, seed=0)
     homolog = train_mlp(data, seed=1)
@@ -435,41 +442,31 @@ def test_workers_run_jobs_side_by_side_on_one_torch_thread_each():
 
     from pipeline.verify.workers import Workers
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         with Workers(4) as workers:
             seen = workers.map(lambda i: (i, threading.current_thread().name, torch.get_num_threads()), range(4))
         assert [i for i, _, _ in seen] == [0, 1, 2, 3]  # the items' order
         assert all(name.startswith("modelhash-probe") and n == 1 for _, name, n in seen)
         assert torch.get_num_threads() == 2  # restored
         assert Workers(4, "cuda").size == 1 and Workers(1).size == 1  # a GPU's jobs, or one job: in the caller
-        torch.set_num_threads(1)
-        with Workers(4) as workers:
-            assert workers.map(lambda _: threading.current_thread(), [0]) == [threading.current_thread()]
-        with pytest.raises(ZeroDivisionError):
-            torch.set_num_threads(2)
-            with Workers(2) as workers:
-                workers.map(lambda i: 1 / i, [1, 0])
+    with torch_threads(1), Workers(4) as workers:
+        assert workers.map(lambda _: threading.current_thread(), [0]) == [threading.current_thread()]
+    with torch_threads(2):
+        with pytest.raises(ZeroDivisionError), Workers(2) as workers:
+            workers.map(lambda i: 1 / i, [1, 0])
         assert torch.get_num_threads() == 2  # restored after a failed job too
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_conferrable_probe_is_the_same_built_side_by_side(zoo):
     from pipeline.verify import core_points as cp
 
     source, refs, seeds = load_runnable(zoo["source"]), [_suspect(zoo, "homolog2")], np.load(zoo["seeds"])
-    threads = torch.get_num_threads()
     runs = []
-    try:
-        for n in (1, 2):  # one after another in the caller's thread; two workers of one torch thread each
-            torch.set_num_threads(n)
+    for n in (1, 2):  # one after another in the caller's thread; two workers of one torch thread each
+        with torch_threads(n):
             students = distil_surrogates(source, seeds=seeds, steps=5, rounds=2)
             core = cp.conferrable_points(source, refs, students, seeds=seeds, n=10, steps=6)
-            runs.append(([m.module.state_dict() for m in students], core))
-    finally:
-        torch.set_num_threads(threads)
+        runs.append(([m.module.state_dict() for m in students], core))
     (weights_1, core_1), (weights_2, core_2) = runs
     for a, b in zip(weights_1, weights_2, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
