@@ -18,15 +18,16 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from bench.cache import read_manifest
+from bench.cache import is_complete, read_manifest, start_fresh, write_manifest
 from bench.zoo import torch_threads
 
-__all__ = ["NUMERICS", "PORTABLE_ENV", "build_in_child", "is_portable", "portable_kernels"]
+__all__ = ["NUMERICS", "PORTABLE_ENV", "build_in_child", "build_zoo", "is_portable", "portable_kernels"]
 
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 NUMERICS = "avx2-cbwr-no-onednn"  # in a zoo's build parameters: a zoo built with other numerics is rebuilt
@@ -56,6 +57,35 @@ def build_in_child(module: str, out_dir: Path, size: str, seed: int, force: bool
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise RuntimeError(f"building the zoo in {out_dir} wrote no manifest ({' '.join(cmd[2:])})")
+    return manifest
+
+
+def build_zoo(module: str, out_dir: Path, *, version: int, size: str, seed: int, force: bool,
+              build: Callable[[Path], list[dict]], extra: dict | None = None,
+              extra_files: Iterable[str] = ()) -> dict:
+    """A benchmark zoo under `out_dir`: the complete one there, or one built afresh with portable kernels.
+
+    The zoo there is reused when its manifest was written for the same parameters (`version`, `size`,
+    `seed`, the torch version, NUMERICS) and every file it names and `extra_files` are on disk. Otherwise,
+    in a process started with PORTABLE_ENV, `out_dir` is emptied, `build(out_dir)` writes the models and
+    returns their manifest rows, and `zoo.json` is written last; any other process builds in a child
+    (`python -m MODULE`, `build_in_child`). `extra`: more manifest fields, saved after `params`.
+    """
+    out_dir = Path(out_dir)
+    params = {"zoo_version": version, "size": size, "seed": seed, "torch": torch.__version__,
+              "numerics": NUMERICS}
+    old = read_manifest(out_dir)
+    if not force and is_complete(old, out_dir, params, extra_files=extra_files):
+        return old
+    if not is_portable():  # this process's kernels are chosen: build in one that starts portable
+        return build_in_child(module, out_dir, size, seed, force)
+    start_fresh(out_dir)
+    start = time.perf_counter()
+    with portable_kernels():
+        models = build(out_dir)
+    manifest = {"version": version, "params": params, **(extra or {}), "models": models,
+                "seconds": round(time.perf_counter() - start, 1)}
+    write_manifest(out_dir, manifest)
     return manifest
 
 

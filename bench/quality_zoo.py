@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench.cache import is_complete, parse_zoo_args, read_manifest, start_fresh, write_manifest
-from bench.numerics import NUMERICS, build_in_child, is_portable, portable_kernels
+from bench.cache import parse_zoo_args
+from bench.numerics import build_zoo
 from bench.zoo import DigitsSplit, load_digits_split
 from pipeline.verify.archs import DigitsCNN, DigitsMLP, DigitsResNet, TinyGPT
 
@@ -564,22 +564,8 @@ def build_quality_zoo(out_dir: Path = DEFAULT_DIR, size: str = "full", seed: int
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
-    out_dir = Path(out_dir)
-    params = {"zoo_version": ZOO_VERSION, "size": size, "seed": seed, "torch": torch.__version__,
-              "numerics": NUMERICS}
-    old = read_manifest(out_dir)
-    if not force and is_complete(old, out_dir, params):
-        return old
-    if not is_portable():  # this process's kernels are chosen: build in one that starts portable
-        return build_in_child("bench.quality_zoo", out_dir, size, seed, force)
-    start_fresh(out_dir)
-    start = time.perf_counter()
-    with portable_kernels():
-        models = _build(out_dir, SIZES[size], seed, log)
-    manifest = {"version": ZOO_VERSION, "params": params, "models": models,
-                "seconds": round(time.perf_counter() - start, 1)}
-    write_manifest(out_dir, manifest)
-    return manifest
+    return build_zoo("bench.quality_zoo", out_dir, version=ZOO_VERSION, size=size, seed=seed, force=force,
+                     build=lambda folder: _build(folder, SIZES[size], seed, log))
 
 
 def _build(out_dir: Path, cfg: dict, seed: int, log: Callable[[str], None]) -> list[dict]:
