@@ -82,21 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_hash)
 
-    p = commands.add_parser("crawl", help="index every model of a source")
-    crawl.add_arguments(p)
-    p.set_defaults(func=crawl.command)
-
-    p = commands.add_parser("query", help="rank the index's models by distance to a model")
-    query.add_arguments(p)
-    p.set_defaults(func=query.command)
-
-    p = commands.add_parser("sweep", help="search a protected set of models against the index")
-    sweep.add_arguments(p)
-    p.set_defaults(func=sweep.command)
-
-    p = commands.add_parser("verify", help="stage 2: is a suspect a pirated copy, a homolog or unrelated (runs both)")
-    verify.add_arguments(p)
-    p.set_defaults(func=verify.command)
+    jobs = (
+        ("crawl", crawl, "index every model of a source"),
+        ("query", query, "rank the index's models by distance to a model"),
+        ("sweep", sweep, "search a protected set of models against the index"),
+        ("verify", verify, "stage 2: is a suspect a pirated copy, a homolog or unrelated (runs both)"),
+    )
+    for name, job, summary in jobs:
+        p = commands.add_parser(name, help=summary)
+        job.add_arguments(p)
+        p.set_defaults(func=job.command)
 
     p = commands.add_parser("compare", help="distance and verdict for two models")
     p.add_argument("a", help="first model")
