@@ -847,7 +847,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(1)
+    """The bench on one torch thread (the caller's setting restored after): verify, render, write."""
+    with torch_threads(1):
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     manifest = build_verify_zoo(args.zoo, args.size, log=lambda s: print(s, flush=True))
     probes = [p for p in args.probes.split(",") if p]
     seed = args.probe_seed

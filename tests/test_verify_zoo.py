@@ -131,9 +131,8 @@ def test_bench_verify_probe_seed(tiny, tmp_path, capsys):
     before = RESULTS.read_bytes() if RESULTS.exists() else None
     common = ["--zoo", str(root), "--size", "tiny", "--probes", "core-generated"]
     try:
-        with torch_threads(torch.get_num_threads()):  # main sets one thread for the process: restored after
-            assert main(parse_args([*common, "--probe-seed", "1", "--json", str(saved)])) == 0
-            assert main(parse_args([*common, "--from-json", str(saved)])) == 0
+        assert main(parse_args([*common, "--probe-seed", "1", "--json", str(saved)])) == 0
+        assert main(parse_args([*common, "--from-json", str(saved)])) == 0
         assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
     finally:  # a failure must not leave the repository's RESULTS.md holding a tiny zoo's figures
         if before is not None:

@@ -237,28 +237,26 @@ def _unpack(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return indices, dists
 
 
-def _check_codes(codes: np.ndarray, what: str = "codes") -> np.ndarray:
-    return _check_words(codes, what, ndim=2)
+def _check_codes(codes: np.ndarray, what: str = "codes", ndim: int = 2) -> np.ndarray:
+    """`codes` as the kernels take them: a uint64 array of `ndim` dimensions (a query: 1), WORDS per code."""
+    if not isinstance(codes, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(codes).__name__}")
+    if codes.dtype != np.uint64:
+        raise TypeError(f"{what} must be uint64, got {codes.dtype}")
+    if codes.ndim != ndim:
+        shape = f"(N, {WORDS})" if ndim == 2 else f"({WORDS},)"
+        raise ValueError(f"{what} must be {ndim}-D {shape}, got shape {codes.shape}")
+    if codes.shape[-1] != WORDS:
+        raise SpecMismatchError(f"{what}: codes of {codes.shape[-1] * 8} bytes, expected {CODE_BYTES}")
+    return codes
 
 
 def _check_query(query: np.ndarray | bytes) -> np.ndarray:
     if isinstance(query, bytes | bytearray | memoryview):
         return as_words(query)
-    return _check_words(query, "query", ndim=1)
-
-
-def _check_words(words: np.ndarray, what: str, ndim: int) -> np.ndarray:
-    """`words` as the kernels take them: a uint64 array of `ndim` dimensions, the last one WORDS long."""
-    shape = f"(N, {WORDS})" if ndim == 2 else f"({WORDS},)"
-    if not isinstance(words, np.ndarray):
-        raise TypeError(f"{what} must be {'bytes or ' if ndim == 1 else ''}a numpy array, got {type(words).__name__}")
-    if words.dtype != np.uint64:
-        raise TypeError(f"{what} must be uint64, got {words.dtype}")
-    if words.ndim != ndim:
-        raise ValueError(f"{what} must be {ndim}-D {shape}, got shape {words.shape}")
-    if words.shape[-1] != WORDS:
-        raise SpecMismatchError(f"{what}: codes of {words.shape[-1] * 8} bytes, expected {CODE_BYTES}")
-    return words
+    if not isinstance(query, np.ndarray):
+        raise TypeError(f"query must be bytes or a numpy array, got {type(query).__name__}")
+    return _check_codes(query, "query", ndim=1)
 
 
 def _check_k(k: int) -> int:
