@@ -15,7 +15,9 @@ from pipeline.settings import Settings
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (`auto`, `ray://...`, `host:port`), or start a local Ray.
 
-    Does nothing when this process is already connected (tests, `ray job submit` drivers).
+    Does nothing when this process is already connected (tests, `ray job submit` drivers). With no
+    address the local Ray is always a new one: a bare `ray.init()` would join whatever cluster this machine
+    started last (another user's job, a test run), which the CLI promises not to do.
     """
     if ray.is_initialized():
         return
@@ -23,7 +25,7 @@ def connect(address: str | None) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         # A local Ray for this run: no dashboard, quiet workers; crawl output is our own progress bar.
-        ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+        ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
 
 
 def cluster_cpus() -> int:

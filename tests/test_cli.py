@@ -68,10 +68,13 @@ def test_malicious_pickle_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-def test_crawl_then_query_json(library, tmp_path):
+def test_crawl_then_query_json(library, tmp_path, ray_local):
+    # A Ray runs on this machine (the session's): a crawl with no address starts its own, never joins it.
+    drivers = len(ray_local._private.state.jobs())
     index = tmp_path / "index"
     out = run("crawl", str(library["root"]), "--index", str(index), "--no-progress").stdout
     assert "hashed" in out and "4 failed" in out
+    assert len(ray_local._private.state.jobs()) == drivers
     again = run("crawl", str(library["root"]), "--index", str(index), "--no-progress").stdout
     assert "0 hashed" in again
     result = json.loads(run("query", str(library["orig"]), "--index", str(index), "--json", "-k", "7").stdout)
