@@ -18,15 +18,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from jobs.entry import job_main
+from jobs.arguments import add_spec, non_negative_float, positive_float, positive_int
+from jobs.entry import job_main, warn_no_models
 from pipeline.errors import ModelhashError
 from pipeline.hashing import get_spec
 from pipeline.hashing.model import hash_model
 from pipeline.index.plan import ContentKey, IndexState, content_key, load_state
 from pipeline.index.rows import duplicate_row, error_row, ok_row
 from pipeline.index.schema import STATUS_DUPLICATE, STATUS_OK
-from pipeline.index.writer import ShardWriter
-from pipeline.refs import CHECKPOINT_SUFFIXES, ModelRef
+from pipeline.index.store import check_index_folder
+from pipeline.index.writer import RUNS_DIR, SHARDS_DIR, ShardWriter
+from pipeline.refs import ModelRef
 from pipeline.retry import RATE_ENV
 from pipeline.settings import Settings
 from pipeline.sources import list_models, source_name
@@ -229,6 +231,7 @@ def crawl(
     """
     started = time.perf_counter()
     chosen = get_spec(spec)
+    check_index_folder(index, (RUNS_DIR, SHARDS_DIR))
     state = load_state(index, source_name(source), chosen.name)
     summary = CrawlSummary(source=source, index=index, spec=chosen.name, root=_local_root(source))
     committer = _Committer(index, summary, checkpoint_rows)
@@ -298,17 +301,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The crawl's flags, shared by `modelhash crawl` and `python -m jobs.crawl`."""
     parser.add_argument("source", help="a folder or checkpoint file, s3://bucket/prefix, or hf:// (with filters)")
     parser.add_argument("--index", required=True, help="index folder or s3://bucket/prefix (created if missing)")
-    parser.add_argument("--spec", default=None, help="hashing spec (default: the default spec)")
+    add_spec(parser)
     parser.add_argument("--author", default=None, help="hf:// only: models of this author or organisation")
     parser.add_argument("--search", default=None, help="hf:// only: models whose id contains this")
-    parser.add_argument("--limit", type=int, default=None, help="hf:// only: at most this many models")
+    parser.add_argument("--limit", type=positive_int, default=None, help="hf:// only: at most this many models")
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--max-in-flight", type=int, default=None, help="tasks in flight (default: 2 x cluster CPUs)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per model before it is an error row")
-    parser.add_argument("--task-memory", type=int, default=None, help="bytes of memory to reserve per task")
-    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per task (default: auto)")
-    parser.add_argument("--max-rps", type=float, default=None, help="requests per second per host, per process")
-    parser.add_argument("--checkpoint-rows", type=int, default=CHECKPOINT_ROWS, help="rows per committed run")
+    parser.add_argument("--max-in-flight", type=positive_int, default=None,
+                        help="tasks in flight (default: 2 x cluster CPUs)")
+    parser.add_argument("--timeout", type=positive_float, default=None,
+                        help="seconds per model before it is an error row")
+    parser.add_argument("--task-memory", type=positive_int, default=None, help="bytes of memory to reserve per task")
+    parser.add_argument("--num-gpus", type=non_negative_float, default=None, help="GPUs per task (default: auto)")
+    parser.add_argument("--max-rps", type=positive_float, default=None,
+                        help="requests per second per host, per process (default: no cap)")
+    parser.add_argument("--checkpoint-rows", type=positive_int, default=CHECKPOINT_ROWS, help="rows per committed run")
     parser.add_argument("--retry-errors", action="store_true", help="re-hash unchanged models that failed before")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -338,9 +344,8 @@ def command(args: argparse.Namespace) -> int:
     """Run the crawl and print its summary: `modelhash crawl` and this module's main."""
     summary = run(args)
     print(summary.line())
-    if summary.seen == 0:  # most often a mistyped path or filter: say so, as the index stays unwritten
-        print(f"modelhash: warning: no models found in {args.source} (a model is a folder holding a checkpoint: "
-              f"{', '.join(CHECKPOINT_SUFFIXES)}); nothing was written to {args.index}", file=sys.stderr)
+    if summary.seen == 0:  # a mistyped path or filter: the index stays unwritten
+        warn_no_models(args.source, f"nothing was written to {args.index}")
     return 0
 
 

@@ -16,7 +16,8 @@ EXIT_INTERRUPTED = 130
 
 
 def guarded(main: Callable[[], int], prog: str = "modelhash") -> int:
-    """Run `main`; a ModelhashError prints `prog: error: <one line>` and exits 2, Ctrl-C exits 130.
+    """Run `main`; a ModelhashError, or an OSError of the machine's (a report folder that cannot be made, a
+    full disk), prints `prog: error: <one line>` and exits 2; Ctrl-C exits 130.
 
     SIGTERM (`ray job stop`, a Kubernetes pod shutdown) is taken as Ctrl-C, so a crawl commits its work.
     """
@@ -24,12 +25,20 @@ def guarded(main: Callable[[], int], prog: str = "modelhash") -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main()
-    except ModelhashError as exc:
+    except (ModelhashError, OSError) as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def warn_no_models(source: str, consequence: str, prog: str = "modelhash") -> None:
+    """An empty source is most often a mistyped path: say so on stderr, and what came of it."""
+    from pipeline.refs import CHECKPOINT_SUFFIXES
+
+    print(f"{prog}: warning: no models found in {source} (a model is a folder holding a checkpoint: "
+          f"{', '.join(CHECKPOINT_SUFFIXES)}); {consequence}", file=sys.stderr)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

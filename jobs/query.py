@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from jobs.arguments import MODEL_HELP, add_spec, non_negative_int, positive_int
 from jobs.entry import job_main
 from pipeline.errors import ModelIndexError
 from pipeline.hashing import get_spec
@@ -86,11 +87,12 @@ def query(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The query's flags, shared by `modelhash query` and `python -m jobs.query`."""
-    parser.add_argument("model", help="a checkpoint file or a model folder")
-    parser.add_argument("--index", required=True, help="index folder")
-    parser.add_argument("-k", type=int, default=10, help="number of matches (default 10)")
-    parser.add_argument("--max-distance", type=int, default=None, help="only matches within this many bits")
-    parser.add_argument("--spec", default=None, help="hashing spec (default: the default spec)")
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--index", required=True, help="index folder or s3://bucket/prefix")
+    parser.add_argument("-k", type=positive_int, default=10, help="number of matches (default 10)")
+    parser.add_argument("--max-distance", type=non_negative_int, default=None,
+                        help="only matches within this many bits")
+    add_spec(parser)
     parser.add_argument("--ray-address", default=None, help="hash the query on this Ray cluster")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 

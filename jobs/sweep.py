@@ -43,7 +43,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from jobs.entry import job_main
+from jobs.arguments import add_spec, non_negative_int, positive_float, positive_int, torch_device
+from jobs.entry import job_main, warn_no_models
 from jobs.query import hash_uri
 from jobs.stage2 import VERIFY_MAX_PAIRS, load_references, verify_methods, verify_pairs
 from pipeline.errors import ModelhashError, ModelIndexError, SourceError
@@ -120,7 +121,8 @@ def sweep(
 
     Raises:
         ModelIndexError: the index is missing, corrupt, or holds no code of the spec.
-        SourceError: PROTECTED is neither a folder, a list file nor an index.
+        SourceError: PROTECTED is neither a folder, a list file nor an index, or none of its models could be
+            hashed (an empty PROTECTED gives an empty report).
     """
     started = time.perf_counter()
     chosen = get_spec(spec)
@@ -138,7 +140,11 @@ def sweep(
         protected=protected, index=index, spec=chosen.name, report=out, k=k, max_distance=max_distance,
         ray=ray_address is not None, verify_method=verify_method if verify else None,
     )
-    reader = IndexReader(index)  # a missing index fails before any model is hashed
+    reader = IndexReader(index)  # a missing index, or a report folder that cannot be made, fails before any
+    try:  # model is hashed
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SourceError(f"cannot make the report's folder {Path(out).parent}: {exc.strerror or exc}") from exc
     if ray_address is not None:
         from jobs.cluster import connect
 
@@ -146,6 +152,10 @@ def sweep(
     tick = time.perf_counter()
     queries = load_protected(protected, chosen, use_ray=ray_address is not None, progress=progress)
     summary.seconds["hash"] = time.perf_counter() - tick
+    if queries.models == 0 and queries.failed:  # a report of nothing would read as "no copies": say why
+        first = queries.failed[0]
+        raise SourceError(f"{protected}: no protected model could be hashed ({len(queries.failed)} failed; "
+                          f"{first['model']}: {first['error']})")
     summary.protected_models, summary.query_codes, summary.failed = queries.models, len(queries.codes), queries.failed
 
     tick = time.perf_counter()
@@ -405,15 +415,17 @@ def _split(shards: list[ShardRows], groups: int) -> list[list[ShardRows]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The sweep's flags, shared by `modelhash sweep` and `python -m jobs.sweep`."""
     parser.add_argument("protected", help="a folder of models, a file listing model URIs, or an index")
-    parser.add_argument("--index", required=True, help="the index to sweep")
+    parser.add_argument("--index", required=True, help="the index to sweep (a folder or s3://bucket/prefix)")
     parser.add_argument("--out", required=True, help="the report (Parquet); the summary goes beside it")
-    parser.add_argument("-k", type=int, default=10, help="matches per protected code (default 10)")
+    parser.add_argument("-k", type=positive_int, default=10, help="matches per protected code (default 10)")
     parser.add_argument(
-        "--max-distance", type=int, default=None, help="only pairs within this many bits (default: 'related')"
+        "--max-distance", type=non_negative_int, default=None,
+        help="only pairs within this many bits (default: 'related')",
     )
-    parser.add_argument("--spec", default=None, help="hashing spec (default: the default spec)")
+    add_spec(parser)
     parser.add_argument("--no-parts", action="store_true", help="whole-model codes only, no per-block codes")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees a GPU)")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="stage 2: cpu or cuda[:N] (default: cuda when torch sees a GPU)")
     parser.add_argument(
         "--ray-address", default=None, help="run on this Ray cluster (default: $RAY_ADDRESS, else in this process)"
     )
@@ -426,15 +438,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stage 2's method (default agreement; all: agreement, distance and ddv)",
     )
     parser.add_argument(
-        "--verify-max-pairs", type=int, default=VERIFY_MAX_PAIRS,
+        "--verify-max-pairs", type=non_negative_int, default=VERIFY_MAX_PAIRS,
         help=f"verify at most this many candidate model pairs, nearest first (default {VERIFY_MAX_PAIRS})",
     )
     parser.add_argument(
-        "--verify-max-distance", type=int, default=None,
+        "--verify-max-distance", type=non_negative_int, default=None,
         help="stage 2 candidates: model pairs within this many bits (default: 'related')",
     )
     parser.add_argument(
-        "--verify-timeout", type=float, default=None, help="on Ray: seconds per protected model's verify task"
+        "--verify-timeout", type=positive_float, default=None, help="on Ray: seconds per protected model's verify task"
     )
     parser.add_argument(
         "--references", default=None, metavar="FILE",
@@ -479,6 +491,8 @@ def command(args: argparse.Namespace) -> int:
     """Run the sweep and print its summary: `modelhash sweep` and this module's main."""
     summary = run(args)
     print(json.dumps(asdict(summary), indent=2) if args.json else summary.line())
+    if summary.protected_models == 0:
+        warn_no_models(args.protected, "the report is empty")
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.arguments import non_negative_int, positive_int, torch_device
 from jobs.entry import job_main
 from pipeline.errors import ModelhashError, VerifyError
 from pipeline.verify.behavior import (
@@ -219,15 +220,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None, help="the source's architecture (mlp, cnn, resnet, gpt, "
                         "torchvision:NAME, timm:NAME, hf) when config.json does not say")
     parser.add_argument("--suspect-arch", default=None, help="the suspects' architecture, likewise")
-    parser.add_argument("--points", type=int, default=None,
+    parser.add_argument("--points", type=positive_int, default=None,
                         help=f"core points (default {CORE_POINTS}, {CONFERRABLE_POINTS} on a conferrable probe; "
                         f"{TOKEN_POINTS} for token models)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"search steps (default {CORE_STEPS}, at most, and {CONFERRABLE_STEPS} on a conferrable "
-                        f"probe; {TOKEN_STEPS} for token models)")
+    parser.add_argument("--steps", type=non_negative_int, default=None,
+                        help=f"search steps (at most {CORE_STEPS} by default; {CONFERRABLE_STEPS} on a conferrable "
+                        f"probe, {TOKEN_STEPS} for token models)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the probe (default 0)")
     parser.add_argument("--contrast", action="store_true", help="also report agreement on near-boundary points")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--probe-cache", default=None, metavar="DIR", help=PROBE_CACHE_HELP)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--no-progress", action="store_true",

@@ -9,6 +9,7 @@ import argparse
 import json
 from typing import Any
 
+from jobs.arguments import MODEL_HELP, add_spec
 from jobs.entry import guarded
 from jobs.query import describe, hash_uri
 from pipeline.errors import SpecMismatchError
@@ -77,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("hash", help="print a model's code and metadata")
-    p.add_argument("model", help="a checkpoint file or a model folder")
-    p.add_argument("--spec", default=None, help="hashing spec (default: the default spec)")
+    p.add_argument("model", help=MODEL_HELP)
+    add_spec(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_hash)
 
@@ -94,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=job.command)
 
     p = commands.add_parser("compare", help="distance and verdict for two models")
-    p.add_argument("a", help="first model")
+    p.add_argument("a", help="first model (" + MODEL_HELP + ")")
     p.add_argument("b", help="second model")
-    p.add_argument("--spec", default=None, help="hashing spec (default: the default spec)")
+    add_spec(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_compare)
     return parser

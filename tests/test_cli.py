@@ -110,3 +110,58 @@ def test_a_fresh_checkpoint_is_hashed_the_same_by_path_and_folder(tmp_path):
     by_folder = json.loads(run("hash", str(folder), "--json").stdout)["code"]
     by_file = json.loads(run("hash", str(Path(folder) / "model.safetensors"), "--json").stdout)["code"]
     assert by_folder == by_file
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["query", "{orig}", "--index", "{tmp}", "-k", "0"], "argument -k: must be a positive integer"),
+        (["sweep", "{orig}", "--index", "{tmp}", "--out", "{tmp}/r.parquet", "--max-distance", "-1"],
+         "argument --max-distance: must be a non-negative integer"),
+        (["crawl", "{orig}", "--index", "{tmp}/ix", "--max-rps", "0"], "argument --max-rps: must be a positive"),
+        (["verify", "{orig}", "{orig}", "--points", "-5"], "argument --points: must be a positive integer"),
+        (["verify", "{orig}", "{orig}", "--device", "tpu"], "argument --device: not a device"),
+    ],
+)
+def test_bad_flag_values_are_usage_errors_before_any_work(library, tmp_path, args, expected):
+    proc = run(*(a.format(orig=library["orig"], tmp=tmp_path) for a in args), check=False)
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ix").exists() and not (tmp_path / "r.parquet").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this check is for a machine where torch sees no GPU")
+def test_cuda_where_torch_sees_no_gpu_is_a_usage_error(library):
+    proc = run("verify", str(library["orig"]), str(library["fp16"]), "--device", "cuda", check=False)
+    assert proc.returncode == 2 and "torch sees no GPU" in proc.stderr
+
+
+def test_an_index_path_that_cannot_hold_an_index_fails_before_hashing(library, tmp_path):
+    a_file = tmp_path / "index.txt"
+    a_file.write_text("not an index")
+    proc = run("crawl", str(library["orig"]), "--index", str(a_file), "--no-progress", check=False)
+    assert proc.returncode == 2 and "is a file" in proc.stderr and a_file.read_text() == "not an index"
+    # The models' own folder given as the index (arguments swapped): refused, nothing mixed into it.
+    before = sorted(p.name for p in library["root"].iterdir())
+    proc = run("crawl", str(library["orig"]), "--index", str(library["root"]), "--no-progress", check=False)
+    assert proc.returncode == 2 and "not an index" in proc.stderr
+    assert sorted(p.name for p in library["root"].iterdir()) == before
+    proc = run("query", str(library["orig"]), "--index", str(library["root"]), check=False)
+    assert proc.returncode == 2 and "is not an index" in proc.stderr
+
+
+def test_sweep_of_nothing_warns_and_of_only_failures_is_an_error(tmp_path, library):
+    index = tmp_path / "index"
+    run("crawl", str(library["orig"]), "--index", str(index), "--no-progress")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "r.parquet"
+    proc = run("sweep", str(tmp_path / "empty"), "--index", str(index), "--out", str(out), "--no-progress")
+    assert "warning: no models found" in proc.stderr and out.exists()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'gone'}\n")
+    proc = run("sweep", str(listing), "--index", str(index), "--out", str(out), "--no-progress", check=False)
+    assert proc.returncode == 2 and "no protected model could be hashed (1 failed" in proc.stderr
+    # A report folder that cannot be made: one line, before any model is hashed.
+    proc = run("sweep", str(library["orig"]), "--index", str(index), "--out", str(listing / "r.parquet"),
+               "--no-progress", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot make the report's folder" in proc.stderr

@@ -120,6 +120,9 @@ def test_sweep_finds_copies_and_a_reused_backbone(world, tmp_path) -> None:
     assert all(r["verdict"] == spec.thresholds.verdict(r["distance"]) for r in rows)
     assert summary.protected_models == 2 and summary.failed == []
     assert summary.flagged_models == 3  # orig ~ copy, fp16, newhead; never orig ~ orig
+    listed = [(t["query_model_id"], t["match_model_id"]) for t in summary.top]
+    assert len(set(listed)) == len(listed) == 3  # the summary lists each flagged model pair once, nearest first
+    assert [t["distance"] for t in summary.top] == sorted(t["distance"] for t in summary.top)
     assert summary.same_model > 0 and summary.pairs == len(rows)
     doc = json.loads((tmp_path / "report.summary.json").read_text())
     assert doc["by_verdict"] == summary.by_verdict and doc["index_codes"] == 6

@@ -224,7 +224,8 @@ class IndexReader:
             for p in store.list_files(self._fs, store.join(self._base, RUNS_DIR), suffix=".json")
         ]
         if not records:
-            raise ModelIndexError(f"index {index_uri} has no committed run")
+            raise ModelIndexError(f"{index_uri} is not an index: it holds no committed run "
+                                  f"(`modelhash crawl SOURCE --index {index_uri}` makes one)")
         self.runs: tuple[RunRecord, ...] = tuple(sorted(records, key=lambda r: (r.committed_at, r.run_id)))
 
     @staticmethod

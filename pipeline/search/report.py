@@ -59,7 +59,7 @@ REPORT_SCHEMA = pa.schema(
         ("stage2_methods", pa.list_(STAGE2_ENTRY)),  # every method's answer (`--verify-method all`)
     ]
 )
-TOP = 20  # pairs listed in the summary
+TOP = 20  # model pairs listed in the summary (each at its nearest code pair)
 REWRITE_ROWS = 65_536  # report rows per batch when stage 2 rewrites it
 _TOP_KEYS = (
     "query_source", "query_model_id", "part", "match_source", "match_model_id", "match_part", "distance", "verdict"
@@ -184,7 +184,7 @@ class SweepSummary:
     by_verdict: dict[str, int] = field(default_factory=dict)  # pairs of different models
     same_model: int = 0
     flagged_models: int = 0  # distinct (protected, indexed) model pairs with a copy or related verdict
-    top: list[dict[str, Any]] = field(default_factory=list)
+    top: list[dict[str, Any]] = field(default_factory=list)  # the TOP nearest flagged model pairs, one row each
     verify_method: str | None = None  # stage 2's method (`all`: agreement, distance, ddv); None: not run
     stage2_pairs: int = 0  # candidate model pairs verified
     stage2_skipped: int = 0  # candidate model pairs left unverified (beyond the cap)
@@ -229,6 +229,9 @@ class SweepSummary:
         if self.top:
             stage2 = self.verify_method is not None
             lines += [
+                "",
+                f"The {len(self.top)} nearest of {self.flagged_models} flagged model pairs, each at its nearest "
+                "code pair:",
                 "",
                 "| protected | block | indexed | block | distance | verdict |" + (" stage 2 |" if stage2 else ""),
                 "|---|---|---|---|---|---|" + ("---|" if stage2 else ""),
@@ -348,7 +351,8 @@ def write_report(
     *,
     candidates_within: int | None = None,
 ) -> list[Candidate]:
-    """Stream the pairs into `out` (Parquet, zstd), batch by batch, and count them into `summary`.
+    """Stream the pairs into `out` (Parquet, zstd; its folder must exist), batch by batch, and count them into
+    `summary`.
 
     Args:
         tiles: (query slice, hits of those queries by kind) batches, in query order.
@@ -367,8 +371,7 @@ def write_report(
     found: dict[tuple[int, int], Candidate] = {}
     counts: dict[str, int] = {}
     flagged: set[tuple[int, int]] = set()
-    top: list[tuple[int, str, dict[str, Any]]] = []
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    top: dict[tuple[int, int], tuple[int, str, dict[str, Any]]] = {}
     with pq.ParquetWriter(out, REPORT_SCHEMA, compression="zstd") as writer:
         for tile, hits in tiles:
             rows = {kind: h.rows[h.key != hamming.NO_MATCH] for kind, h in hits.items()}
@@ -393,7 +396,7 @@ def write_report(
                     _gather(table, q.owner[qi], rows[kind], candidates_within, found)
     summary.by_verdict = counts
     summary.flagged_models = len(flagged)
-    summary.top = [{key: t[2][key] for key in _TOP_KEYS} for t in top]
+    summary.top = [{key: t[2][key] for key in _TOP_KEYS} for t in sorted(top.values(), key=_nearest)]
     return sorted(found.values(), key=lambda c: (c.distance, c.owner, c.row))
 
 
@@ -484,9 +487,10 @@ def _count(
     spec: Spec,
     counts: dict[str, int],
     flagged: set[tuple[int, int]],
-    top: list[tuple[int, str, dict[str, Any]]],
-) -> list[tuple[int, str, dict[str, Any]]]:
-    """Count one batch's pairs into `summary`, `counts` (by verdict) and `flagged`; return the new top list."""
+    top: dict[tuple[int, int], tuple[int, str, dict[str, Any]]],
+) -> dict[tuple[int, int], tuple[int, str, dict[str, Any]]]:
+    """Count one batch's pairs into `summary`, `counts` (by verdict) and `flagged`; return the new top: the
+    TOP nearest flagged model pairs so far, each with its nearest row."""
     same = table["same_model"].to_numpy()
     dist = table["distance"].to_numpy()
     summary.pairs += table.num_rows
@@ -497,6 +501,18 @@ def _count(
         counts[str(v)] = counts.get(str(v), 0) + int(n)
     hit = other & (dist <= spec.thresholds.related)
     flagged.update(zip(owner[hit].tolist(), rows[hit].tolist(), strict=True))
-    for j in np.flatnonzero(hit)[:TOP]:
-        top.append((int(dist[j]), str(table["query_model_id"][j]), table.slice(int(j), 1).to_pylist()[0]))
-    return sorted(top, key=lambda t: (t[0], t[1]))[:TOP]
+    order = np.flatnonzero(hit)
+    if not order.size:
+        return top
+    order = order[np.argsort(dist[order], kind="stable")]
+    # The first row of each model pair in distance order is its nearest; the TOP nearest pairs of the batch.
+    _, first = np.unique(np.stack([owner[order], rows[order]], axis=1), axis=0, return_index=True)
+    for j in order[np.sort(first)][:TOP].tolist():
+        pair, d = (int(owner[j]), int(rows[j])), int(dist[j])
+        if pair not in top or d < top[pair][0]:
+            top[pair] = (d, str(table["query_model_id"][j]), table.slice(j, 1).to_pylist()[0])
+    return dict(sorted(top.items(), key=lambda item: _nearest(item[1]))[:TOP])
+
+
+def _nearest(entry: tuple[int, str, dict[str, Any]]) -> tuple[int, str]:
+    return entry[0], entry[1]
