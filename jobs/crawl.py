@@ -56,9 +56,10 @@ class CrawlSummary:
     interrupted: bool = False
 
     def line(self) -> str:
+        runs = len(self.runs)
         return (
             f"{self.seen} models seen, {self.skipped} skipped as unchanged, {self.hashed} hashed, "
-            f"{self.duplicates} duplicates, {self.failed} failed ({self.seconds:.1f} s, {len(self.runs)} runs)"
+            f"{self.duplicates} duplicates, {self.failed} failed ({self.seconds:.1f} s, {runs} run{'s' * (runs != 1)})"
         )
 
     def count(self, row: dict[str, Any]) -> None:
