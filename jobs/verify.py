@@ -65,9 +65,13 @@ def load_seeds(path: str | None) -> np.ndarray | None:
     if path is None:
         return None
     try:
-        return np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"  # np.load takes any other file for a pickle, and refuses it as one
+        if npy:
+            return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise VerifyError(f"{path}: cannot read seeds (a .npy array without pickles): {exc}") from exc
+    raise VerifyError(f"{path}: not a .npy array (seeds are saved with numpy.save)")
 
 
 def _load(uri: str, arch: str | None, device: str) -> RunnableModel | BaseException:

@@ -797,3 +797,16 @@ def test_custom_code_is_never_run(hf, tmp_path):
     with pytest.raises(VerifyError, match="custom code is never run"):
         load_runnable(str(folder))
     assert not pwned.exists()
+
+
+def test_seeds_that_are_not_a_npy_array_are_a_clear_error(tmp_path):
+    from jobs.verify import load_seeds
+
+    text = tmp_path / "seeds.txt"
+    text.write_text("0.1 0.2\n")
+    with pytest.raises(VerifyError, match="not a .npy array"):
+        load_seeds(str(text))
+    with pytest.raises(VerifyError, match="cannot read seeds"):
+        load_seeds(str(tmp_path / "missing.npy"))
+    np.save(tmp_path / "ok.npy", np.ones((3, 64), np.float32))
+    assert load_seeds(str(tmp_path / "ok.npy")).shape == (3, 64)
