@@ -810,3 +810,17 @@ def test_seeds_that_are_not_a_npy_array_are_a_clear_error(tmp_path):
         load_seeds(str(tmp_path / "missing.npy"))
     np.save(tmp_path / "ok.npy", np.ones((3, 64), np.float32))
     assert load_seeds(str(tmp_path / "ok.npy")).shape == (3, 64)
+
+
+def test_a_broken_checkpoint_without_config_is_reported_as_broken(zoo, tmp_path):
+    from pipeline.errors import FormatError
+
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    whole = next(Path(zoo["source"]).glob("*.safetensors")).read_bytes()
+    (folder / "model.safetensors").write_bytes(whole[:100])  # no config.json, and a cut header
+    with pytest.raises(FormatError):
+        load_runnable(str(folder))
+    (folder / "model.safetensors").write_bytes(whole)
+    with pytest.raises(VerifyError, match="no config.json beside the checkpoint"):
+        load_runnable(str(folder))

@@ -224,7 +224,11 @@ def load_runnable(
     cfg = dict(config) if config is not None else (read_config(ref) or {})
     if cfg.get("model_type") is None and ref.arch:
         cfg["model_type"] = ref.arch
-    family, name = _choose(arch, cfg, ref.model_id)
+    try:
+        family, name = _choose(arch, cfg, ref.model_id)
+    except VerifyError:
+        open_model(ref.files)  # a checkpoint that cannot even be opened says so: that is its first fault
+        raise
     state = read_state_dict(ref)
     built = _BUILDERS[family](name, state, cfg, ref.model_id)
     return RunnableModel(
@@ -254,7 +258,8 @@ def _choose(arch: str | None, cfg: Mapping[str, Any], model_id: str) -> tuple[st
         return "timm", cfg["architecture"]
     if isinstance(model_type, str):
         return "hf", model_type
-    raise VerifyError(f"{model_id}: no architecture: config.json names no model_type (pass an arch)")
+    why = "config.json names no model_type" if cfg else "no config.json beside the checkpoint"
+    raise VerifyError(f"{model_id}: no architecture: {why} (pass an arch)")
 
 
 @dataclass(frozen=True, slots=True)
