@@ -221,3 +221,21 @@ def test_cli_sweep(world, tmp_path) -> None:
         [*cmd[:4], str(tmp_path / "nothing"), *cmd[5:], "--out", str(out)], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such" in bad.stderr
+
+
+def test_a_local_model_is_itself_by_its_folder_not_its_relative_id(world, tmp_path) -> None:
+    index = tmp_path / "index"
+    writer = ShardWriter(str(index))
+    for ref in list_models(str(world["src"])):
+        writer.add(ok_row(hash_model(ref, get_spec(SPEC))))
+    writer.commit({"root": str(world["src"])})  # as a crawl records it: local rows can be found again
+    # src/orig copies protected/orig in another folder under the same relative id: a copy, not itself.
+    summary = sweep(str(world["protected"]), str(index), str(tmp_path / "a.parquet"), progress=False)
+    rows = pq.read_table(tmp_path / "a.parquet").to_pylist()
+    assert not any(r["same_model"] for r in rows) and summary.same_model == 0
+    assert any(r["query_model_id"] == "orig" and r["match_model_id"] == "orig" and r["distance"] == 0 for r in rows)
+    # The indexed model itself, given by its bare checkpoint file (model_id `model.safetensors`), is itself.
+    sweep(str(world["src"] / "orig" / "model.safetensors"), str(index), str(tmp_path / "b.parquet"), progress=False)
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    assert {r["match_model_id"] for r in rows if r["same_model"]} == {"orig"}
+    assert {r["match_model_id"] for r in rows if not r["same_model"] and r["verdict"] == "copy"} >= {"copy", "fp16"}

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["crawled_root", "model_uri"]
+__all__ = ["crawled_root", "model_folder", "model_uri"]
 
 
 def model_uri(source: str, model_id: str, revision: str | None = None, *, root: str | None = None) -> str | None:
@@ -58,3 +58,17 @@ def crawled_root(summary: Mapping[str, Any]) -> str | None:
         path = source.removeprefix("file://")
         return path if os.path.isabs(path) else None
     return None
+
+
+def model_folder(uri: str | None) -> str | None:
+    """A local model's identity on this machine: the real path of the folder that holds its checkpoint (the
+    folder a crawl listed as the model, or a bare checkpoint file's own folder). None for remote URIs.
+
+    Local `model_id`s are relative to whatever root was listed, so two different folders can share one and
+    one model can have two (`mlp` crawled as a folder, `model.safetensors` given as its file): the folder
+    tells them apart.
+    """
+    if not uri or "://" in uri.removeprefix("file://"):
+        return None
+    path = os.path.realpath(uri.removeprefix("file://"))
+    return path if os.path.isdir(path) else os.path.dirname(path)

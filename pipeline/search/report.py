@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.hashing.spec import Spec
 from pipeline.index.reader import IDENTITY, CodePlan, Codes
+from pipeline.index.uris import model_folder
 from pipeline.search import hamming
 from pipeline.search.sweep import PARTS, Hits
 
@@ -150,18 +151,23 @@ class Protected:
             revision=np.asarray(self.revision, dtype=object)[owner],
             part=np.asarray(self.part, dtype=object),
             owner=owner,
+            folder=np.asarray([model_folder(u) if s == "local" else None for s, u in zip(self.source, self.uri,
+                                                                                            strict=True)],
+                              dtype=object)[owner],
         )
 
 
 @dataclass(frozen=True, slots=True)
 class QueryColumns:
-    """Per query code: its model's identity, its block (None: the whole-model code), its model's number."""
+    """Per query code: its model's identity, its block (None: the whole-model code), its model's number, and
+    a local model's folder (`model_folder`; None elsewhere)."""
 
     source: np.ndarray
     model_id: np.ndarray
     revision: np.ndarray
     part: np.ndarray
     owner: np.ndarray
+    folder: np.ndarray
 
 
 @dataclass
@@ -282,6 +288,7 @@ def pairs_table(
     matched: pa.Table,
     spec: Spec,
     stage2: Mapping[PairKey, Stage2] | None = None,
+    match_folder: np.ndarray | None = None,
 ) -> pa.Table:
     """The report rows of one kind of hits, one per found slot in row-major order.
 
@@ -291,6 +298,8 @@ def pairs_table(
         queries: the query side (`Protected.columns()`).
         matched: the identity (IDENTITY columns) of each found slot's index row, in the same order.
         stage2: model pairs' stage-2 answers, when known (the stage-2 columns are null otherwise).
+        match_folder: each found slot's local model folder (`local_folders`), None where unknown: a local
+            pair is the same model when both folders are known and equal, else when source and model_id are.
     """
     found = hits.key != hamming.NO_MATCH
     qi, slot = np.nonzero(found)
@@ -299,6 +308,11 @@ def pairs_table(
     verdicts = _verdicts(spec)
     m_source, m_model, m_revision = (matched[c].to_numpy(zero_copy_only=False) for c in IDENTITY)
     same = (queries.source[qi] == m_source) & (queries.model_id[qi] == m_model)
+    if match_folder is not None:
+        q_folder = queries.folder[qi]
+        known = np.array([a is not None and b is not None for a, b in zip(q_folder, match_folder, strict=True)],
+                         dtype=bool)
+        same = np.where(known, q_folder == match_folder, same)
     table = pa.table(
         {
             "query_source": queries.source[qi],
@@ -318,6 +332,16 @@ def pairs_table(
         schema=pa.schema(list(REPORT_SCHEMA)[:STAGE1_COLUMNS]),
     )
     return with_stage2(table, stage2 or {})
+
+
+def local_folders(index: Codes | CodePlan, rows: np.ndarray, identities: pa.Table) -> np.ndarray:
+    """Each row's local model folder (`model_folder` of its URI); None for remote rows and local rows whose
+    crawl recorded no root."""
+    folders = np.full(len(rows), None, dtype=object)
+    local = np.flatnonzero(identities["source"].to_numpy(zero_copy_only=False) == "local")
+    if local.size:
+        folders[local] = [model_folder(uri) for uri in index.uris(rows[local])]
+    return folders
 
 
 def with_stage2(table: pa.Table, stage2: Mapping[PairKey, Stage2]) -> pa.Table:
@@ -372,6 +396,7 @@ def write_report(
     counts: dict[str, int] = {}
     flagged: set[tuple[int, int]] = set()
     top: dict[tuple[int, int], tuple[int, str, dict[str, Any]]] = {}
+    local_queries = any(f is not None for f in q.folder)
     with pq.ParquetWriter(out, REPORT_SCHEMA, compression="zstd") as writer:
         for tile, hits in tiles:
             rows = {kind: h.rows[h.key != hamming.NO_MATCH] for kind, h in hits.items()}
@@ -381,14 +406,16 @@ def write_report(
             # One identity read for the whole batch, both kinds: shards touched once.
             unique, back = np.unique(every, return_inverse=True)
             identities = index.identities(unique, IDENTITY)
+            folders = local_folders(index, unique, identities) if local_queries else None
             start = 0
             for kind, h in hits.items():
                 n = len(rows[kind])
                 if not n:
                     continue
-                matched = identities.take(pa.array(back[start : start + n]))
+                slots = back[start : start + n]
                 start += n
-                table = pairs_table(kind, h, tile.start, q, matched, spec)
+                table = pairs_table(kind, h, tile.start, q, identities.take(pa.array(slots)), spec,
+                                    match_folder=None if folders is None else folders[slots])
                 writer.write_table(table)
                 qi = np.nonzero(h.key != hamming.NO_MATCH)[0] + tile.start
                 top = _count(summary, table, q.owner[qi], rows[kind], spec, counts, flagged, top)
