@@ -30,7 +30,7 @@ WIDE = {"max_distance": 256, "verify_max_distance": 256}
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
-    """A protected MLP and an index (crawled from a relative path) of its copies, a homolog and bad models."""
+    """A protected MLP and an index (crawled from a relative path) of it, its copies, a homolog and bad models."""
     root = tmp_path_factory.mktemp("stage2")
     with torch_threads(1):  # tiny batches: more threads only contend on a shared machine
         data = load_digits_split()
@@ -41,12 +41,11 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
         reference2 = train_mlp(data, seed=7)
         reference3 = train_mlp(data, seed=8)
     weights = state_dict_of(original)
-    save_checkpoint(root / "protected" / "orig", weights, "mlp")
     save_checkpoint(root / "refs" / "h6", state_dict_of(reference), "mlp")
     save_checkpoint(root / "refs" / "h7", state_dict_of(reference2), "mlp")
     save_checkpoint(root / "refs" / "h8", state_dict_of(reference3), "mlp")
     src = root / "src"
-    save_checkpoint(src / "orig", weights, "mlp")  # the protected model itself: never verified against itself
+    save_checkpoint(src / "orig", weights, "mlp")  # the protected model, indexed too: never verified against itself
     save_checkpoint(src / "finetuned", state_dict_of(tuned), "mlp")
     save_checkpoint(src / "homolog", state_dict_of(homolog), "mlp")
     save_checkpoint(src / "wrongarch", weights, "cnn")  # the same weights, a config that cannot run them
@@ -59,7 +58,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
         crawl("src", "index", progress=False)
     finally:
         os.chdir(cwd)
-    return {"root": root, "protected": root / "protected", "src": src, "index": root / "index",
+    return {"root": root, "protected": src / "orig", "src": src, "index": root / "index",
             "reference": root / "refs" / "h6", "reference2": root / "refs" / "h7",
             "reference3": root / "refs" / "h8"}
 
@@ -166,7 +165,7 @@ def test_protected_as_index_and_as_list_file(zoo, tmp_path) -> None:
     assert verdict == "error" and reason.startswith("protected model") and "conv1.weight" in reason
     assert summary.stage2_pairs > 0 and summary.stage2_by_verdict["pirated"] >= 2
     listing = tmp_path / "protected.txt"
-    listing.write_text("protected/orig\n")
+    listing.write_text("src/orig\n")
     cwd = os.getcwd()
     os.chdir(zoo["root"])
     try:  # a relative path in the list: verified from wherever the models are loaded
@@ -196,7 +195,7 @@ def test_stage2_with_homolog_references(zoo, tmp_path) -> None:
     # Judged against the reference: the copy closes most of the gap to the source, the homolog does not.
     assert _one(pairs["finetuned"], "stage2_calibrated_score") > _one(pairs["homolog"], "stage2_calibrated_score")
     (calibrated,) = summary.stage2_references
-    assert calibrated["protected"] == str(zoo["protected"].resolve() / "orig") and calibrated["given"] == 2
+    assert calibrated["protected"] == str(zoo["protected"].resolve()) and calibrated["given"] == 2
     assert calibrated["thresholds"] == "per source"
     assert set(calibrated["references"]) == {str(zoo["reference"])}
     assert set(calibrated["references"][str(zoo["reference"])]) == {"agreement", "distance", "ddv"}
