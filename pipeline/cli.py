@@ -68,6 +68,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     for block in report["blocks"]:
         print(f"  block {block['block']}: distance {block['distance']} ({block['verdict']})")
+    if not report["blocks"]:
+        print("  no block in common (per-block codes are compared by name)")
     return 0
 
 

@@ -40,6 +40,14 @@ def test_compare_prints_distance_verdict_and_evidence(library):
     assert report["verdict"] == "unrelated" and report["distance"] > report["thresholds"]["related"]
 
 
+def test_compare_says_when_no_block_is_in_common(library, tmp_path):
+    renamed = {k.replace("net.", "fc"): v for k, v in mlp_state(3).items()}  # fc0.weight: blocks fc0, fc2, fc4
+    other = save_model(tmp_path / "renamed", renamed)
+    report = json.loads(run("compare", str(library["orig"]), str(other), "--json").stdout)
+    assert report["blocks"] == []
+    assert "no block in common" in run("compare", str(library["orig"]), str(other)).stdout
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [("nan", "NaN"), ("truncated", "truncated"), ("nocheckpoint", "no checkpoint"), ("lying", "")],
