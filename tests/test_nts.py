@@ -130,3 +130,16 @@ def test_byte_budget_reads_leading_rows_only_and_is_format_invariant(tmp_path):
     assert b.bytes_read < a.bytes_read  # the same rows, at half the bytes
     assert distance(a.code.code, b.code.code) <= spec.thresholds.copy
     assert a.code.code != hash_model(resolve_model(str(tmp_path / "a")), NTSSpec()).code.code
+
+
+def test_reads_stop_at_a_cap_however_many_matrices(tmp_path):
+    from pipeline.hashing.nts import READ_CAP
+
+    # 300 views of one storage: 40 KB on disk, and one row (5000 values) read per view without the cap.
+    shared = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0))
+    spec = NTSSpec(max_params=10_000)
+    views = save_model(tmp_path / "views", {f"l{i}.weight": shared[:] for i in range(300)}, fmt="bin")
+    result = hash_model(resolve_model(str(views)), spec)
+    assert result.bytes_read <= (READ_CAP * spec.max_params + 5000) * 4 + 64_000  # the pickle: 300 records
+    assert result.bytes_read < 300 * 5000 * 4 / 4
+    assert len(result.code.code) == 32

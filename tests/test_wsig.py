@@ -213,3 +213,96 @@ def test_magnitude_code_needs_enough_distinct_values():
     assert magnitude_code([largest(np.round(values * 20) / 20, 256)], 256) is None  # a grid: spacings tie
     assert magnitude_code([largest(-values[::-1], 256)], 256) == magnitude_code(tops, 256)  # order, sign
     assert not usable("BF16", 10**6, 256) and not usable("F32", 1000, 256) and usable("F32", 10**5, 256)
+
+
+def test_predecessor_lookups_pick_what_a_scan_of_every_earlier_layer_picks():
+    from pipeline.hashing.wsig import _Chains
+
+    def scan(chains, out, fan_in):  # the rules as a scan of every layer so far, latest first
+        for units, p, depth in reversed(chains):
+            if units == fan_in or (fan_in == 1 and units == out):
+                return p, depth + 1
+        for units, p, depth in reversed(chains):
+            if units > 1 and fan_in % units == 0:
+                return p, depth + 1
+        return None, 0
+
+    rng = np.random.default_rng(0)
+    counts = [1, 2, 3, 4, 6, 12, 16, 24, 48, 49, 64, 96, 97, 192]
+    for _ in range(20):
+        every, chains = [], _Chains()
+        for _ in range(300):
+            out, fan_in = (int(c) for c in rng.choice(counts, 2))
+            expected, got = scan(every, out, fan_in), chains.predecessor(out, fan_in)
+            assert got[0] is expected[0] and got[1] == expected[1]
+            p, depth = torch.zeros(1), got[1]
+            every.append((out, p, depth))
+            chains.add(out, p, depth)
+        assert len(chains) == len({units for units, _, _ in every})  # one chain kept per unit count
+
+
+def test_thousands_of_layers_cost_a_few_lookups_each(tmp_path, monkeypatch):
+    from pipeline.hashing import wsig
+
+    looked_up: list[int] = []
+    latest_of = wsig._Chains._latest_of
+
+    def counting(self, counts):
+        counts = list(counts)
+        looked_up.append(len(counts))
+        return latest_of(self, counts)
+
+    monkeypatch.setattr(wsig._Chains, "_latest_of", counting)
+    gen = torch.Generator().manual_seed(0)
+    n = 4000  # a scan of the layers before each one: n^2 / 2 = 8M steps (the whole-model code: 112k features)
+    deep = {f"l{i}.weight": torch.randn(*((16, 24) if i % 2 else (24, 16)), generator=gen) for i in range(n)}
+    result = code(tmp_path, "deep", deep)
+    assert len(result.code.code) == 32 and len(result.code.parts) > 100
+    assert len(looked_up) <= n + 1 and sum(looked_up) <= n + 1
+
+
+def test_hyperplanes_drawn_in_blocks_give_the_same_code(monkeypatch):
+    from pipeline.hashing import wsig
+
+    features = np.random.default_rng(0).standard_normal(1372)  # the largest model of the quality zoo
+    whole = SPEC._simhash(features, "model")
+    monkeypatch.setattr(wsig, "_CACHE_BYTES", 0)  # as for a model of thousands of layers
+    assert SPEC._simhash(features, "model") == whole
+
+
+def test_fixed_matrices_are_cached_within_a_byte_bound():
+    from pipeline.hashing.wsig import _BytesCache, _fixed_projection
+
+    cache = _BytesCache(lambda n: np.zeros(n), limit=1000)  # 125 float64s
+    assert cache(100) is cache(100)
+    assert cache(200) is not cache(200)  # larger than the bound: rebuilt each time, never kept
+    for n in range(10, 100):
+        cache(n)
+    assert cache._bytes <= 1000 and cache(99) is cache(99) and (10,) not in cache._kept  # the oldest went first
+    wide = _fixed_projection(600_000, 8, "cpu")  # a first layer of shape (1, 600k): 38 MB
+    assert torch.equal(wide, _fixed_projection(600_000, 8, "cpu")) and wide is not _fixed_projection(600_000, 8, "cpu")
+
+
+@pytest.mark.parametrize("degenerate", ["zeros", "constant", "fan_in_1", "float64_overflow"])
+def test_weights_without_signal_are_refused_not_given_a_shared_code(tmp_path, degenerate):
+    sd = {
+        "zeros": {"a.weight": torch.zeros(32, 32), "b.weight": torch.zeros(32, 32)},
+        "constant": {"a.weight": torch.full((32, 64), 65504.0, dtype=torch.float16)},
+        "fan_in_1": {"a.weight": torch.randn(64, 1)},  # every unit reads the one input alike
+        "float64_overflow": {"a.weight": torch.full((32, 32), 1e308, dtype=torch.float64)},  # finite
+    }[degenerate]
+    with pytest.raises(HashingError, match="no signal"):
+        code(tmp_path, degenerate, sd)
+
+
+@pytest.mark.parametrize("exponent", [400, -1040])  # 1e120 and 1e-314 (subnormal): beyond float32
+def test_float64_weights_at_any_scale_hash_as_at_scale_one(tmp_path, exponent):
+    sd = state("mlp", 0)
+    a = code(tmp_path, "a", sd)
+    b = code(tmp_path, "b", {k: v.double() * 2.0**exponent for k, v in sd.items()})
+    assert distance(a.code.code, b.code.code) <= 8
+    assert int(np.unpackbits(np.frombuffer(b.code.code, np.uint8)).sum()) > 64  # not all zeros
+    sd["fc2.weight"] = sd["fc2.weight"].double()
+    sd["fc2.weight"][1, 1] = float("nan")
+    with pytest.raises(HashingError, match="NaN"):
+        code(tmp_path, "nan", sd)

@@ -19,6 +19,12 @@ Byte budget (our addition, so that a 70B checkpoint costs what a small one does)
 matrices hold more than `max_params` values, each matrix contributes only its leading rows, its share of
 the budget in proportion to its size: one ranged read per tensor. The budget counts values, not bytes,
 so an fp16 copy reads the same rows as its fp32 original. Models under the budget are read whole.
+Each matrix reads at least one row, so a model of very many matrices reads more than its share: a 70B
+Llama about 1.6x the budget (a row of each of its 560 matrices), a 405B one about 4.8x (882 rows of 16k-53k
+values), a crafted file of N views of one storage (no bytes each in the file) N rows. Reading therefore
+stops, and the remaining matrices are left out, once READ_CAP times the budget is read (256 MB of float32):
+far above every dense model's reads, so their codes are what they were; a mixture of thousands of experts
+may be cut short.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pipeline.hashing.canonical import block_of, weight_matrices
 from pipeline.hashing.spec import ModelCode, Thresholds
 
 MIN_SEGMENT = 20  # the kurtosis test needs at least 20 samples per segment
+READ_CAP = 16  # values read per model, at most, in budgets (`max_params`): one row per matrix can exceed one
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,16 @@ class NTSSpec:
             raise HashingError("no weight matrices (floating tensors of 2+ dimensions) to hash")
         total = sum(entry.numel for _, entry in matrices)
         kept: list[tuple[str, np.ndarray]] = []
+        read = 0
         for name, entry in matrices:
+            if read >= READ_CAP * self.max_params:
+                break
             rows = None
             if total > self.max_params:
                 row_numel = entry.numel // entry.shape[0]
                 rows = (0, max(1, (self.max_params * entry.numel // total) // max(1, row_numel)))
             values = directory.read(entry.name, rows=rows).astype(np.float32, copy=False).ravel()
+            read += values.size
             if not np.isfinite(values).all():
                 raise HashingError(f"tensor {entry.name} holds NaN or Inf values")
             kept.append((name, _important(values, self.keep)))

@@ -36,6 +36,12 @@ stream's basis; GPT-2 `Conv1D` weights are transposed and `c_attn` split into q,
 position embeddings are not read. A layer whose inputs match no earlier layer's outputs starts a root
 of its own: unknown layouts degrade to per-layer summaries, they never crash.
 
+Degenerate weights are refused (HashingError), not given a code that every other such model shares: a model
+where no summarized layer has signal (all-zero weights, units that all read alike, a lone layer of one input)
+or whose features are not finite. float64 weights beyond float32's range (1e200, subnormals) are scaled by a
+power of two first, exactly: the spec is blind to a layer's scale, and their products would overflow or
+underflow float64.
+
 Byte budget: at most `max_values` weight values per model. Over it, whole layers are read from the front
 and the back of the network, half the budget each; a single layer larger than that contributes its
 leading rows. Models under the budget are read whole (every benchmark model but MiniLM).
@@ -48,8 +54,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -73,6 +83,11 @@ _EPS = 1e-12
 MAGNITUDE_SUFFIX = "#mag"  # a block's exact-weight code: `layer2.0#mag` beside `layer2.0`
 COPY_BITS = 55
 RELATED_BITS = 59
+# float64 magnitudes float32 can hold (its smallest subnormal to its overflow): weights within keep their
+# values, so a float64 copy of a float32 model hashes as the model does; beyond, they are rescaled (`_float64`).
+_FLOAT32_MAGNITUDES = (2.0**-149, 2.0**128)
+_CACHE_BYTES = 32 << 20  # per cache of fixed matrices (projections, hyperplanes): larger ones are rebuilt
+_PLANE_ROWS = 8  # hyperplanes drawn at a time where all of them would not fit the cache (`_simhash`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,14 @@ class _Layer:
     rows: tuple[int, int] | None  # leading rows read, when over budget
     split: tuple[int, int] | None = None  # output rows [begin, end) of a fused tensor, after transposing
     transposed: bool = False  # stored (in, out), as GPT-2's Conv1D
+
+
+@dataclass(frozen=True, slots=True)
+class _Feature:
+    name: str  # the layer's canonical name
+    values: np.ndarray  # its summary, weighted by depth
+    input_root: bool  # a root on the input (pixels), left out of the parts
+    signal: bool  # False where its units all read alike (its summary is float noise, or zero)
 
 
 @dataclass(frozen=True)
@@ -121,15 +144,24 @@ class WSigSpec:
         features, tops = self._features(directory, layers)
         if not features:
             raise HashingError("no layer with two or more units to hash")
-        code = self._simhash(np.concatenate([f for _, f, _ in features]), salt="model")
-        blocks: dict[str, list[np.ndarray]] = {}
-        for name, f, input_root in features:
+        # Without these checks a degenerate model gets a code (all zeros, or float noise's) that every
+        # other such model shares: they would match as copies.
+        if not any(f.signal for f in features):
+            raise HashingError("no signal to hash: in every layer summarized, the units all read alike "
+                               "(all-zero or constant weights, or a single input)")
+        whole = np.concatenate([f.values for f in features])
+        if not np.isfinite(whole).all():
+            raise HashingError("the weights' products overflow float64: no finite features to hash")
+        code = self._simhash(whole, salt="model")
+        blocks: dict[str, list[_Feature]] = {}
+        for f in features:
             # A first layer on the input (pixels) learns what the data holds, much as its homologs do:
             # alone, its block would match theirs. Transformer layers on the residual stream are kept.
-            if not input_root:
-                blocks.setdefault(part_of(name), []).append(f)
+            if not f.input_root:
+                blocks.setdefault(part_of(f.name), []).append(f)
         parts = tuple(
-            (block, self._simhash(np.concatenate(fs), salt="part")) for block, fs in blocks.items()
+            (block, self._simhash(np.concatenate([f.values for f in fs]), salt="part"))
+            for block, fs in blocks.items() if any(f.signal for f in fs)
         ) if len(blocks) > 1 or len(features) > len(blocks) else ()
         exact = ((f"{block}{MAGNITUDE_SUFFIX}", magnitude_code(t, self.magnitude_bits)) for block, t in tops.items())
         parts += tuple((name, c) for name, c in exact if c is not None)
@@ -179,10 +211,7 @@ class WSigSpec:
         w = cache.get(layer.entry.name)
         if w is None:  # a fused tensor is read once for its splits
             raw = directory.read(layer.entry.name, rows=layer.rows)
-            values = raw.astype(np.float64)
-            # One float64 sum is non-finite iff some value is (finite float32s cannot overflow it).
-            if not np.isfinite(values.sum()):
-                raise HashingError(f"tensor {layer.entry.name} holds NaN or Inf values")
+            values = _float64(raw, layer.entry.name)
             if self.magnitude_bits and usable(layer.entry.dtype, raw.size, self.magnitude_bits):
                 tops.setdefault(part_of(layer.name), []).append(largest(raw, self.magnitude_bits))
             w = cache[layer.entry.name] = torch.from_numpy(values).to(self.device)
@@ -193,12 +222,11 @@ class WSigSpec:
         return w.reshape(w.shape[0], w.shape[1], -1)  # (out, in, kernel offsets)
 
     def _features(self, directory: TensorDirectory, layers: list[_Layer]
-                  ) -> tuple[list[tuple[str, np.ndarray, bool]], dict[str, list[np.ndarray]]]:
-        """Each summarized layer's (name, weighted summary, whether it is a root on the input), and each
-        block's largest magnitudes."""
+                  ) -> tuple[list[_Feature], dict[str, list[np.ndarray]]]:
+        """Each summarized layer's feature, and each block's largest magnitudes."""
         transformer = looks_like_transformer(layer.name for layer in layers)
-        chains: list[tuple[int, torch.Tensor, int]] = []  # (out units, P, depth) of every layer so far
-        features: list[tuple[str, np.ndarray, bool]] = []
+        chains = _Chains()
+        features: list[_Feature] = []
         cache: dict[str, torch.Tensor] = {}
         tops: dict[str, list[np.ndarray]] = {}
         for layer in layers:
@@ -210,33 +238,20 @@ class WSigSpec:
                 continue
             prev, depth = None, 0
             if not (transformer and reads_stream(layer.name)):
-                prev, depth = self._predecessor(chains, out, fan_in)
+                prev, depth = chains.predecessor(out, fan_in)
             if prev is None:
                 root = w.reshape(out, fan_in * k)
                 root = _emphasize(root / (root.norm(dim=1, keepdim=True) + _EPS), self.power)
                 p = self._rows(root @ self._projection(fan_in * k))
             else:
                 p = self._chain(w, prev)
-            chains.append((out, p, depth))
+            chains.add(out, p, depth)
             if out >= max(2, self.min_units):
                 # Deeper along a chain, float noise has been through more products: it weighs less.
                 input_root = prev is None and not transformer
-                features.append((layer.name, self._summary(p) * self.decay**depth, input_root))
+                summary, signal = self._summary(p)
+                features.append(_Feature(layer.name, summary * self.decay**depth, input_root, signal))
         return features, tops
-
-    @staticmethod
-    def _predecessor(
-        chains: list[tuple[int, torch.Tensor, int]], out: int, fan_in: int
-    ) -> tuple[torch.Tensor | None, int]:
-        """The latest layer whose output units this layer reads (same count, or depthwise one each, or a
-        flattened feature map: a whole multiple of them), and the depth of this layer along its chain."""
-        for units, p, depth in reversed(chains):
-            if units == fan_in or (fan_in == 1 and units == out):
-                return p, depth + 1
-        for units, p, depth in reversed(chains):
-            if units > 1 and fan_in % units == 0:
-                return p, depth + 1
-        return None, 0
 
     def _chain(self, w: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         out, fan_in, k = w.shape
@@ -262,14 +277,16 @@ class WSigSpec:
         # cannot flip a unit; still odd in y, so a flipped row gives the same result.
         return y * torch.tanh(self.soft * (y @ self._direction()))[:, None]
 
-    def _summary(self, p: torch.Tensor) -> np.ndarray:
-        """The correlations of the m projected coordinates over the layer's units (order-free), standardized."""
+    def _summary(self, p: torch.Tensor) -> tuple[np.ndarray, bool]:
+        """The correlations of the m projected coordinates over the layer's units (order-free), standardized,
+        and whether they differ at all: where the units' rows are all alike they are float noise, or zero."""
         centred = p - p.mean(dim=0, keepdim=True)
         cov = (centred.T @ centred).cpu().numpy()  # m x m: the rest costs less in numpy than in torch calls
         d = np.sqrt(np.maximum(np.diagonal(cov), _EPS))
         f = (cov / (d[:, None] * d[None, :]))[_upper_triangle(self.m)]
         f = f - f.mean()
-        return f / (f.std() + _EPS)
+        spread = f.std()
+        return f / (spread + _EPS), bool(spread > _EPS)
 
     # ---------------------------------------------------------------------------- fixed randomness
 
@@ -280,8 +297,76 @@ class WSigSpec:
         return _fixed_direction(self.m, self.device)
 
     def _simhash(self, features: np.ndarray, salt: str) -> bytes:
-        planes = _gaussian(self.bits, len(features), salt)
-        return np.packbits(planes @ features > 0).tobytes()
+        n = len(features)
+        if self.bits * n * 8 <= _CACHE_BYTES:
+            return np.packbits(_gaussian(self.bits, n, salt) @ features > 0).tobytes()
+        # Thousands of layers: the same hyperplanes, drawn a few rows at a time from the same stream, so
+        # that memory holds a few of them, not `bits` (gigabytes for a crafted model of 100k tiny layers).
+        # BLAS rounds each row's product alike in blocks of 4 rows or more: the same bits (checked in the tests).
+        rng = _generator(self.bits, n, salt)
+        rows = (min(_PLANE_ROWS, self.bits - start) for start in range(0, self.bits, _PLANE_ROWS))
+        return np.packbits(np.concatenate([rng.standard_normal((r, n)) @ features > 0 for r in rows])).tobytes()
+
+
+class _Chains:
+    """The layers read so far, as chains for later layers to extend: per count of output units, the latest
+    layer with that many, its P and its depth (and its position, to tell which is later).
+
+    Every rule of `predecessor` picks the latest layer with some count of units, so an earlier layer of the
+    same count is never picked again: it is dropped, and finding a layer's predecessor looks up a few counts
+    instead of scanning every layer before it (quadratic in the number of layers: a minute for 32k tiny ones).
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[int, tuple[int, torch.Tensor, int]] = {}  # units -> (position, P, depth)
+        self._added = 0
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def add(self, units: int, p: torch.Tensor, depth: int) -> None:
+        self._latest[units] = (self._added, p, depth)
+        self._added += 1
+
+    def predecessor(self, out: int, fan_in: int) -> tuple[torch.Tensor | None, int]:
+        """The latest layer whose output units this layer reads (same count, or depthwise one each, or a
+        flattened feature map: a whole multiple of them), and the depth of this layer along its chain."""
+        found = self._latest_of((fan_in, out) if fan_in == 1 else (fan_in,))
+        if found is None:
+            found = self._latest_of(self._dividing(fan_in))
+        if found is None:
+            return None, 0
+        _, p, depth = found
+        return p, depth + 1
+
+    def _latest_of(self, counts: Iterable[int]) -> tuple[int, torch.Tensor, int] | None:
+        """The latest layer with any of these unit counts."""
+        return max((self._latest[c] for c in counts if c in self._latest), key=lambda f: f[0], default=None)
+
+    def _dividing(self, fan_in: int) -> list[int]:
+        """The unit counts above 1 that divide `fan_in`: the known counts or the divisors, whichever are fewer."""
+        if len(self._latest) <= math.isqrt(fan_in):
+            return [u for u in self._latest if u > 1 and fan_in % u == 0]
+        small = [d for d in range(1, math.isqrt(fan_in) + 1) if fan_in % d == 0]
+        return [u for d in small for u in (d, fan_in // d) if u > 1]
+
+
+def _float64(raw: np.ndarray, name: str) -> np.ndarray:
+    """A tensor's values as float64, refused if not finite. float64 values beyond float32's magnitudes are
+    scaled by a power of two (exactly) to a peak in [1/2, 1): the spec is blind to a layer's scale (rows and
+    columns are balanced), and 1e200 squared overflows, 1e-310 squared underflows to 0."""
+    values = raw.astype(np.float64)
+    if raw.dtype != np.float64:
+        # One float64 sum is non-finite iff some value is (finite float32s cannot overflow it).
+        if not np.isfinite(values.sum()):
+            raise HashingError(f"tensor {name} holds NaN or Inf values")
+        return values
+    peak = float(np.max(np.abs(values), initial=0.0))  # NaN if some value is
+    if not math.isfinite(peak):
+        raise HashingError(f"tensor {name} holds NaN or Inf values")
+    if peak > _FLOAT32_MAGNITUDES[1] or 0.0 < peak < _FLOAT32_MAGNITUDES[0]:
+        values = np.ldexp(values, -math.frexp(peak)[1])
+    return values
 
 
 def _drop_dead(w: torch.Tensor, dim: int | tuple[int, ...], rel: float = 1e-3) -> torch.Tensor:
@@ -349,7 +434,43 @@ def _upper_triangle(m: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(m, 1)
 
 
-@functools.lru_cache(maxsize=256)
+_Value = TypeVar("_Value", np.ndarray, torch.Tensor)
+
+
+class _BytesCache(Generic[_Value]):
+    """`build`'s results, least recently used first out, bounded by their bytes rather than their number:
+    a wide first layer's projection ((1, n): n x m) or the hyperplanes of a model of thousands of layers
+    would otherwise stay for good in a long-lived worker. Larger results than `limit` are rebuilt each time."""
+
+    def __init__(self, build: Callable[..., _Value], limit: int = _CACHE_BYTES) -> None:
+        self._build, self._limit = build, limit
+        self._kept: OrderedDict[Hashable, _Value] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # several hashing threads may share it
+        functools.update_wrapper(self, build)
+
+    def __call__(self, *key: Hashable) -> _Value:
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        value = self._build(*key)
+        size = _nbytes(value)
+        if size <= self._limit:
+            with self._lock:
+                if key not in self._kept:
+                    self._kept[key] = value
+                    self._bytes += size
+                while self._bytes > self._limit:
+                    self._bytes -= _nbytes(self._kept.popitem(last=False)[1])
+        return value
+
+
+def _nbytes(value: np.ndarray | torch.Tensor) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
+
+
+@_BytesCache
 def _fixed_projection(n: int, m: int, device: str) -> torch.Tensor:
     """A fixed projection of n coordinates to m, on the device (built once: every layer of a width uses it)."""
     return torch.from_numpy(_gaussian(n, m, "projection").copy()).to(device) / np.sqrt(n)
@@ -362,9 +483,14 @@ def _fixed_direction(m: int, device: str) -> torch.Tensor:
     return torch.from_numpy(u / np.linalg.norm(u)).to(device)
 
 
-@functools.lru_cache(maxsize=256)
+@_BytesCache
 def _gaussian(rows: int, cols: int, salt: str) -> np.ndarray:
-    """A fixed Gaussian matrix, the same on every machine: seeded by its shape and purpose (the v1 salt: wsig-v2
-    changed how entries are weighed, not its fixed randomness)."""
+    """A fixed Gaussian matrix, the same on every machine."""
+    return _generator(rows, cols, salt).standard_normal((rows, cols))
+
+
+def _generator(rows: int, cols: int, salt: str) -> np.random.Generator:
+    """The stream of `_gaussian(rows, cols, salt)`, row after row: seeded by its shape and purpose (the v1
+    salt: wsig-v2 changed how entries are weighed, not its fixed randomness)."""
     seed = int.from_bytes(hashlib.sha256(f"wsig-v1/{salt}/{rows}x{cols}".encode()).digest()[:8], "little")
-    return np.random.default_rng(seed).standard_normal((rows, cols))
+    return np.random.default_rng(seed)
