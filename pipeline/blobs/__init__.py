@@ -7,6 +7,7 @@ header plus the spans a spec asks for, wherever it lives. Every reader counts th
 from __future__ import annotations
 
 import os
+import stat
 from typing import Protocol, runtime_checkable
 
 from pipeline.errors import BlobError, SourceError
@@ -35,16 +36,24 @@ def _check_range(offset: int, length: int, size: int, name: str) -> None:
 
 
 class LocalFileReader:
-    """A local file, read with pread (thread-safe, no shared file position)."""
+    """A local regular file, read with pread (thread-safe, no shared file position)."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            # Non-blocking, so that opening a FIFO returns (to be refused below) instead of waiting for a writer.
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            info = os.fstat(self._fd)
         except OSError as exc:
             raise BlobError(f"{self.path}: cannot open: {exc.strerror}") from exc
-        self._size = os.fstat(self._fd).st_size
+        except ValueError as exc:  # a NUL byte, or a lone surrogate the file system cannot encode
+            raise BlobError(f"{self.path!r}: cannot open: {exc}") from exc
+        if not stat.S_ISREG(info.st_mode):  # a directory, FIFO or device has no fixed bytes to hash
+            self.close()
+            raise BlobError(f"{self.path}: not a regular file")
+        os.set_blocking(self._fd, True)
+        self._size = info.st_size
         self._bytes_read = 0
 
     @property

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pipeline.blobs import RangeReader, open_reader
 from pipeline.errors import FormatError, NoCheckpointError
 from pipeline.formats import safetensors, torch_zip
-from pipeline.formats.directory import TensorDirectory, TensorEntry
+from pipeline.formats.directory import TensorDirectory, TensorEntry, check_text
 from pipeline.refs import (
     CHECKPOINT_SUFFIXES,
     INDEX_SUFFIX,
@@ -114,6 +114,8 @@ def _read_index(index: FileRef, files: Sequence[FileRef], fmt: str) -> _Unit:
         weight_map = json.loads(reader.read(0, reader.size).decode("utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"{index.name}: not a sharded-checkpoint index: {exc!r}") from exc
+    except RecursionError:  # `[[[[...]]]]`: the parser recurses once per level
+        raise FormatError(f"{index.name}: not a sharded-checkpoint index: JSON nests too deeply") from None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
@@ -124,6 +126,7 @@ def _read_index(index: FileRef, files: Sequence[FileRef], fmt: str) -> _Unit:
     shards: dict[str, FileRef] = {}
     names: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
+        check_text(shard, f"{index.name}: shard name")  # it labels every message about the shard
         parts = shard.split("/")
         if not shard or shard.startswith("/") or "\\" in shard or ".." in parts:
             raise FormatError(f"{index.name}: shard name {shard!r} escapes the model's folder")

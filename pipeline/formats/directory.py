@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,9 @@ _NUMPY: dict[str, str] = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
     "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
 }
+# The largest dimension, and product of nonzero dimensions, a tensor may have: counts beyond it do not fit
+# numpy's int64 (times an itemsize), and a zero dimension elsewhere must not hide them.
+MAX_NUMEL = 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +38,42 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # Python ints: exact whatever the shape, where int64 could overflow
 
     @property
     def nbytes(self) -> int:
         return self.span[1] - self.span[0]
+
+
+def checked_numel(shape: Sequence[int], what: str) -> int:
+    """The element count of a shape of non-negative ints, refusing any dimension or nonzero product above
+    MAX_NUMEL: `[2**64, 0]` holds no element, yet numpy cannot even make an int64 array of that shape.
+
+    Raises:
+        FormatError: (with `what`, e.g. "file: tensor 'w'", in the message) a count beyond MAX_NUMEL.
+    """
+    numel = nonzero = 1
+    for d in shape:
+        if d > MAX_NUMEL:
+            raise FormatError(f"{what} has dimension {d}, above 2**62")
+        numel *= d
+        nonzero *= d or 1
+        if nonzero > MAX_NUMEL:
+            raise FormatError(f"{what} has shape {list(shape)}, more than 2**62 elements")
+    return numel
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse a name that is no valid text (a lone surrogate, from a JSON escape or a pickle): a tensor
+    of that name hashes, but printing the name or writing it to Parquet fails later, far from the file.
+
+    Raises:
+        FormatError: `text` cannot be encoded as UTF-8 (`what` says what it is: "ck.pt: tensor name").
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{what} {text!r} is not valid UTF-8 text") from None
 
 
 def decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

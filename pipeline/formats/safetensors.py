@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.blobs import RangeReader
 from pipeline.errors import FormatError
-from pipeline.formats.directory import DTYPE_SIZES, TensorDirectory, TensorEntry
+from pipeline.formats.directory import DTYPE_SIZES, TensorDirectory, TensorEntry, check_text, checked_numel
 
 __all__ = ["FORMAT", "MAX_HEADER_BYTES", "open", "read_entries"]
 
@@ -57,6 +57,7 @@ def read_entries(reader: RangeReader, file: str = "") -> dict[str, TensorEntry]:
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise FormatError(f"{label}: __metadata__ must map strings to strings")
             continue
+        check_text(name, f"{label}: tensor name")
         begin, end, dtype, shape = _parse_info(name, info, label)
         if end > data_size:
             raise FormatError(
@@ -86,6 +87,8 @@ def _parse_json(raw: bytes, label: str) -> dict[str, Any]:
         if isinstance(exc, FormatError):
             raise
         raise FormatError(f"{label}: header is not valid JSON: {exc}") from exc
+    except RecursionError:  # `[[[[...]]]]`: the parser recurses once per level
+        raise FormatError(f"{label}: header JSON nests too deeply") from None
     if not isinstance(header, dict):
         raise FormatError(f"{label}: header is JSON {type(header).__name__}, not an object")
     return header
@@ -109,9 +112,7 @@ def _parse_info(name: str, info: Any, label: str) -> tuple[int, int, str, tuple[
         or offsets[0] > offsets[1]
     ):
         raise FormatError(f"{label}: tensor {name!r} has bad data_offsets {offsets!r}")
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = checked_numel(shape, f"{label}: tensor {name!r}")
     begin, end = offsets
     if end - begin != numel * DTYPE_SIZES[dtype]:
         raise FormatError(

@@ -10,22 +10,38 @@ from __future__ import annotations
 
 import collections
 import io
+import lzma
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.blobs import RangeReader
-from pipeline.errors import FormatError, UnsafePickleError
-from pipeline.formats.directory import DTYPE_SIZES, TensorDirectory, TensorEntry
+from pipeline.errors import FormatError, ModelhashError, UnsafePickleError
+from pipeline.formats.directory import DTYPE_SIZES, TensorDirectory, TensorEntry, check_text, checked_numel
 
-__all__ = ["FORMAT", "MAX_PICKLE_BYTES", "open", "read_entries"]
+__all__ = ["FORMAT", "MAX_PICKLE_BYTES", "MAX_PICKLE_DEPTH", "MAX_PICKLE_OPS", "open", "read_entries"]
 
 FORMAT = "torch_zip"
 # data.pkl of a state dict with 100k tensors is a few MB; anything this large is not a checkpoint.
 MAX_PICKLE_BYTES = 256 * 2**20
+# How deep data.pkl's objects may nest. A checkpoint nests a few levels (checkpoint dict, state dict,
+# tensor arguments); CPython hashes a tuple key recursively in C, so a tuple nested a million deep kills the
+# process while unpickling. The depth is therefore bounded by scanning the opcodes before unpickling.
+MAX_PICKLE_DEPTH = 100
+# How many opcodes data.pkl may hold: torch.save writes about 35 per tensor (3.5M for 100k tensors). Each
+# builds at most one object, so this bounds what unpickling allocates (`}` * 200M would build 200M dicts)
+# and how long the depth scan takes (about half a second per million opcodes).
+MAX_PICKLE_OPS = 20_000_000
+# `byteorder` holds "little" or "big"; read no more than this of it, however much it inflates to.
+_MAX_BYTEORDER_BYTES = 16
+# A compressed (deflated) data.pkl may inflate to this many times its compressed size, plus 1 MiB: a pickle
+# compresses a few times, a bomb a thousand.
+_MAX_INFLATION = 100
 
 # Typed storage classes (`torch.FloatStorage`, ...) by the dtype of their elements; None: a valid torch
 # storage whose elements we cannot decode (complex, quantized), refused with a FormatError, not as unsafe.
@@ -73,17 +89,19 @@ def read_entries(reader: RangeReader, file: str = "") -> dict[str, TensorEntry]:
         members = {info.filename: info for info in archive.infolist()}
         prefix = _archive_prefix(members, label)
         byteorder = members.get(f"{prefix}/byteorder")
-        if byteorder is not None and archive.read(byteorder).strip() != b"little":
+        order = b"little" if byteorder is None else _read_member(archive, byteorder, _MAX_BYTEORDER_BYTES, label)
+        if order.strip() != b"little":
             raise FormatError(f"{label}: big-endian checkpoint not supported")
-        pkl = members[f"{prefix}/data.pkl"]
-        if pkl.file_size > MAX_PICKLE_BYTES:
-            raise FormatError(f"{label}: data.pkl is {pkl.file_size} bytes, above {MAX_PICKLE_BYTES}")
-        root = _load_pickle(archive.read(pkl), label)
-    except FormatError:
+        raw = _read_member(archive, members[f"{prefix}/data.pkl"], MAX_PICKLE_BYTES, label)
+    except ModelhashError:  # ours, and a BlobError from the reader: already say what went wrong
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, ValueError,
-            NotImplementedError, _NegativeSeek) as exc:
-        raise FormatError(f"{label}: broken zip archive: {exc}") from exc
+    except EOFError as exc:  # zipfile's, with no message: a member's compressed bytes end early
+        raise FormatError(f"{label}: broken zip archive: member data ends early (truncated?)") from exc
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, ValueError, NotImplementedError,
+            RuntimeError, OSError, zlib.error, lzma.LZMAError) as exc:
+        # RuntimeError: an encrypted member; OSError and the others: corrupt or unreadable compressed data.
+        raise FormatError(f"{label}: broken zip archive: {str(exc) or type(exc).__name__}") from exc
+    root = _load_pickle(raw, label)
 
     data_starts: dict[str, tuple[int, int]] = {}  # storage key -> (absolute data start, member size)
     entries: dict[str, TensorEntry] = {}
@@ -131,6 +149,12 @@ class _ReaderFile(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
+    def read(self, size: int = -1) -> bytes:
+        # RawIOBase.read allocates `size` bytes first, and zipfile asks for a member's compressed size, which
+        # a hostile zip directory sets to gigabytes: allocate only what the file still holds.
+        left = max(0, self._reader.size - self._pos)
+        return super().read(left if size < 0 else min(size, left)) or b""
+
     def readinto(self, buffer: Any) -> int:
         n = max(0, min(len(buffer), self._reader.size - self._pos))
         if n:
@@ -146,6 +170,27 @@ def _archive_prefix(members: Mapping[str, zipfile.ZipInfo], label: str) -> str:
         found = "no" if not prefixes else "several"
         raise FormatError(f"{label}: {found} <archive>/data.pkl in zip: not a torch checkpoint")
     return prefixes.pop()
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, cap: int, label: str) -> bytes:
+    """A small member's bytes, at most `cap` (or, deflated, `_MAX_INFLATION` times its compressed size)
+    inflated, never more: a few hundred bytes can inflate to gigabytes. Stored or deflated only, as
+    torch.load reads: zipfile inflates bzip2 and lzma with no bound on one call's output.
+    """
+    what = f"{label}: {member.filename}"
+    if member.flag_bits & 0x1:
+        raise FormatError(f"{what} is encrypted")
+    if member.compress_type == zipfile.ZIP_DEFLATED and _MAX_INFLATION * member.compress_size + 2**20 < cap:
+        cap = _MAX_INFLATION * member.compress_size + 2**20
+        what += f" (deflated: at most {_MAX_INFLATION} times its {member.compress_size} bytes, plus 1 MiB)"
+    elif member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise FormatError(f"{what} uses compression method {member.compress_type}; torch reads stored or deflated")
+    if member.file_size > cap:
+        raise FormatError(f"{what} is {member.file_size} bytes, above {cap}")
+    with archive.open(member) as f:
+        # zipfile stops at the declared size, checked above; read(cap), not read(), also bounds each step of
+        # inflating (read() inflates a whole chunk of compressed bytes, up to 1000 times larger, at once).
+        return f.read(cap)
 
 
 def _data_start(reader: RangeReader, member: zipfile.ZipInfo, label: str) -> int:
@@ -173,7 +218,8 @@ def _data_start(reader: RangeReader, member: zipfile.ZipInfo, label: str) -> int
 
 
 def _entry(name: str, t: _Tensor, start: int, size: int, file: str, label: str) -> TensorEntry:
-    """A TensorEntry for a rebuilt tensor, with its span checked against the storage member."""
+    """A TensorEntry for a rebuilt tensor, with its name, shape and span checked against the storage member."""
+    check_text(name, f"{label}: tensor name")
     dtype = t.dtype
     if dtype is None or dtype.code is None:
         shown = dtype.name if dtype is not None else t.storage.type.name
@@ -189,9 +235,7 @@ def _entry(name: str, t: _Tensor, start: int, size: int, file: str, label: str) 
         raise FormatError(
             f"{label}: storage data/{t.storage.key} holds {size} bytes, the pickle says {storage_bytes}"
         )
-    numel = 1
-    for d in t.shape:
-        numel *= d
+    numel = checked_numel(t.shape, f"{label}: tensor {name!r}")
     begin = t.offset * itemsize
     end = begin + numel * itemsize
     if numel and end > size:
@@ -219,6 +263,19 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 # ---- the allow-list unpickler and the inert values it builds ----
 
 
+def _refuse_build(self: Any, state: Any) -> None:
+    raise UnsafePickleError(f"data.pkl sets the state of {self!r} (pickle BUILD); refused")
+
+
+def _inert(cls: type) -> type:
+    """Refuse pickle's BUILD on a class's instances. A frozen slots dataclass gets a `__setstate__` that
+    writes any field past the freeze, so BUILD could rewrite a shared `torch.float32` stand-in (or a
+    checked tensor) for the rest of the process."""
+    cls.__setstate__ = _refuse_build  # type: ignore[attr-defined]
+    return cls
+
+
+@_inert
 @dataclass(frozen=True, slots=True)
 class _DType:
     name: str  # torch's name, for messages
@@ -229,6 +286,7 @@ class _DType:
         return DTYPE_SIZES[self.code] if self.code else None
 
 
+@_inert
 @dataclass(frozen=True, slots=True)
 class _StorageType:
     name: str
@@ -239,6 +297,7 @@ class _StorageType:
         return self.dtype.itemsize if self.dtype else 1
 
 
+@_inert
 @dataclass(frozen=True, slots=True)
 class _Storage:
     type: _StorageType
@@ -246,6 +305,7 @@ class _Storage:
     numel: int
 
 
+@_inert
 @dataclass(frozen=True, slots=True)
 class _Tensor:
     storage: _Storage
@@ -294,12 +354,31 @@ def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
     return data
 
 
+class _Callable:
+    """An allow-listed function or class as data.pkl sees it: calling it calls `func`. BUILD on a function
+    or class would set its attributes (`__defaults__`, `__name__`) for the rest of the process; on this
+    object it is refused, and it has no attribute a pickle could set."""
+
+    __slots__ = ("_func",)
+
+    def __init__(self, func: Any):
+        self._func = func
+
+    def __call__(self, *args: Any) -> Any:
+        return self._func(*args)
+
+    def __repr__(self) -> str:
+        return f"<allowed {self._func.__module__}.{self._func.__qualname__}>"
+
+    __setstate__ = _refuse_build
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): _Callable(collections.OrderedDict),
+    ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _Callable(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Callable(_rebuild_parameter),
     ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None),
     ("torch", "UntypedStorage"): _StorageType("UntypedStorage", None),
     **{("torch", n): _DType(n, code) for n, code in _DTYPES.items()},
@@ -314,6 +393,7 @@ class _AllowListUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except (KeyError, TypeError):
+            check_text(f"{module}.{name}", "global")  # so that the message below can be printed
             raise UnsafePickleError(f"forbidden global {module}.{name} in data.pkl; not executed") from None
 
     def persistent_load(self, pid: Any) -> _Storage:
@@ -323,11 +403,92 @@ class _AllowListUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not _is_count(numel):
             raise FormatError(f"bad storage reference {pid!r}")
+        check_text(key, "storage key")  # it is shown in messages
         return _Storage(storage_type, key, numel)
+
+
+# How each opcode moves the stack, for the depth scan: (kind, items it pops; -1: down to the topmost mark).
+_NEW, _MUTATE, _MARK, _POP, _DUP, _PUT, _MEMOIZE, _GET, _NOTHING = range(9)
+_SPECIAL = {
+    "MARK": _MARK, "POP": _POP, "POP_MARK": _POP, "DUP": _DUP, "PUT": _PUT, "BINPUT": _PUT,
+    "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE, "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET,
+    "PROTO": _NOTHING, "FRAME": _NOTHING, "STOP": _NOTHING,
+}
+# These change the container (or object) below their operands instead of pushing a new object.
+_MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+
+
+def _effect(op: pickletools.OpcodeInfo) -> tuple[int, int]:
+    pops = -1 if pickletools.markobject in op.stack_before else len(op.stack_before)
+    if op.name in _SPECIAL:
+        return _SPECIAL[op.name], pops
+    if op.name in _MUTATORS:
+        return _MUTATE, pops if pops < 0 else pops - 1  # the container stays
+    return _NEW, pops
+
+
+_EFFECTS = {op: _effect(op) for op in pickletools.opcodes}
+
+
+def _check_bounds(raw: bytes) -> None:
+    """Refuse a pickle whose objects would nest deeper than MAX_PICKLE_DEPTH (or that holds more than
+    MAX_PICKLE_OPS opcodes), without building any.
+
+    Simulates the unpickler's stack with each object's nesting depth: a new object is one deeper than what
+    it is built from, a container one deeper than what is added to it, and the memo keeps depths. Linear in
+    the pickle's length. (A container filled after it was memoized may nest deeper than this counts; only
+    immutable tuples can be hashed, and theirs is exact. `_flatten` bounds the depth of dicts itself.)
+    """
+    stack: list[int] = []
+    marks: list[list[int]] = []
+    memo: dict[Any, int] = {}
+    for count, (op, arg, _pos) in enumerate(pickletools.genops(raw)):
+        if count == MAX_PICKLE_OPS:
+            raise FormatError(f"more than {MAX_PICKLE_OPS} opcodes; not a state dict")
+        kind, pops = _EFFECTS[op]
+        if kind == _NEW and not pops:  # a string, a number, a global, an empty container: most opcodes
+            stack.append(0)
+        elif kind in (_NEW, _MUTATE):
+            if pops < 0:
+                popped, stack = stack, marks.pop()
+            else:
+                popped = _pop(stack, pops)
+            depth = 1 + max(popped, default=-1)
+            if kind == _NEW:
+                stack.append(depth)
+            else:  # the container below now holds objects `depth - 1` deep
+                stack[-1] = max(stack[-1], depth)
+            if stack[-1] > MAX_PICKLE_DEPTH:
+                raise FormatError(f"objects nest deeper than {MAX_PICKLE_DEPTH} levels; not a state dict")
+        elif kind == _MARK:
+            marks.append(stack)
+            stack = []
+        elif kind == _POP:
+            if pops < 0 or not stack:  # POP with nothing above a mark drops the mark, as pickle does
+                stack = marks.pop()
+            else:
+                stack.pop()
+        elif kind == _DUP:
+            stack.append(stack[-1])
+        elif kind == _PUT:
+            memo[arg] = stack[-1]
+        elif kind == _MEMOIZE:
+            memo[len(memo)] = stack[-1]
+        elif kind == _GET:
+            stack.append(memo[arg])
+
+
+def _pop(stack: list[int], n: int) -> list[int]:
+    if len(stack) < n:
+        raise FormatError("an opcode pops more than the stack holds")
+    popped = stack[-n:]
+    del stack[-n:]
+    return popped
 
 
 def _load_pickle(raw: bytes, label: str) -> Any:
     try:
+        _check_bounds(raw)
         return _AllowListUnpickler(io.BytesIO(raw)).load()
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{label}: {exc}") from None
@@ -344,23 +505,37 @@ def _flatten(root: Any, label: str) -> Iterator[tuple[str, _Tensor]]:
         return
     if not isinstance(root, dict):
         raise FormatError(f"{label}: data.pkl holds a {type(root).__name__}, not a state dict")
-    # An explicit stack, not recursion: a hostile pickle can nest dicts deeper than Python's stack.
+    # An explicit stack, not recursion: a hostile pickle can nest dicts deeper than Python's stack. Names are
+    # joined from the keys on the stack only at a tensor, so nesting costs no copy of a prefix per level.
     seen = {id(root)}
     names: set[str] = set()
-    stack: list[tuple[str, Iterator[tuple[Any, Any]]]] = [("", iter(root.items()))]
+    keys: list[str] = []  # the key of each dict on the stack below the root
+    stack: list[Iterator[tuple[Any, Any]]] = [iter(root.items())]
     while stack:
-        prefix, items = stack[-1]
-        item = next(items, None)
+        item = next(stack[-1], None)
         if item is None:
             stack.pop()
+            if keys:  # none above the root
+                keys.pop()
             continue
-        name = f"{prefix}{item[0]}"
-        value = item[1]
+        key, value = item
         if isinstance(value, _Tensor):
+            name = ".".join([*keys, _key_text(key, label)])
             if name in names:
                 raise FormatError(f"{label}: tensor name {name!r} occurs twice after flattening")
             names.add(name)
             yield name, value
         elif isinstance(value, dict) and id(value) not in seen:
+            if len(stack) >= MAX_PICKLE_DEPTH:  # dicts filled after being memoized can pass _check_bounds
+                raise FormatError(f"{label}: data.pkl nests dicts deeper than {MAX_PICKLE_DEPTH} levels")
             seen.add(id(value))  # each dict once: shared or cyclic references cannot blow up
-            stack.append((f"{name}.", iter(value.items())))
+            keys.append(_key_text(key, label))
+            stack.append(iter(value.items()))
+
+
+def _key_text(key: Any, label: str) -> str:
+    """A dict key as a name component (torch's keys are strings; others as str() shows them)."""
+    try:
+        return key if isinstance(key, str) else str(key)
+    except RecursionError:  # a tuple key holding lists nested past Python's stack
+        raise FormatError(f"{label}: data.pkl has a dict key nested too deeply to name") from None

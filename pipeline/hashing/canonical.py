@@ -12,12 +12,14 @@ from collections.abc import Iterable
 
 from pipeline.formats.directory import FLOAT_DTYPES, TensorDirectory, TensorEntry
 
-_DIGITS = re.compile(r"(\d+)")
+# ASCII digits only: str.isdigit is also true of '²' or '①', which int() refuses, and `\d` takes any script's.
+_DIGITS = re.compile(r"([0-9]+)")
 
 
 def natural_key(name: str) -> tuple[object, ...]:
     """Sort key that puts `layers.2` before `layers.10`."""
-    return tuple(int(p) if p.isdigit() else p for p in _DIGITS.split(name))
+    # split() with a group alternates text and digit runs: every odd part is a run of ASCII digits.
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(_DIGITS.split(name)))
 
 
 def strip_common_prefix(names: Iterable[str]) -> dict[str, str]:

@@ -92,6 +92,6 @@ def _arch(config: Path) -> str | None:
         if config.stat().st_size > CONFIG_MAX_BYTES:
             return None
         value = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested past the stack
         return None
     return value if isinstance(value, str) else None
