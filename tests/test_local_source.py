@@ -42,6 +42,7 @@ def test_revision_changes_with_the_files_only(tmp_path):
 def test_a_single_file_is_a_model(library):
     ref = resolve_model(str(library["bin"] / "pytorch_model.bin"))
     assert ref.model_id == "pytorch_model.bin" and len(ref.files) == 1
+    assert ref.arch == resolve_model(str(library["bin"])).arch == "mlp"  # its folder's config.json says so
     assert [r.model_id for r in list_models(str(library["bin"] / "pytorch_model.bin"))] == ["pytorch_model.bin"]
 
 
@@ -70,8 +71,11 @@ def test_sharded_checkpoint_files(tmp_path):
 
 
 def test_folder_without_checkpoint(library):
-    with pytest.raises(NoCheckpointError, match="no checkpoint"):
+    with pytest.raises(NoCheckpointError, match="no checkpoint") as caught:
         resolve_model(str(library["nocheckpoint"]))
+    assert "crawl" not in str(caught.value)
+    with pytest.raises(NoCheckpointError, match="its sub-folders hold models: index them with `modelhash crawl"):
+        resolve_model(str(library["root"]))  # a folder of models given where one model is expected
 
 
 def test_missing_path_and_unsupported_scheme(tmp_path):

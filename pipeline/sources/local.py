@@ -46,20 +46,33 @@ def list_models(
 
 
 def model_at(path: str | os.PathLike[str]) -> ModelRef:
-    """One model: a checkpoint file, or a folder that holds one (its name is the model id)."""
+    """One model: a checkpoint file (its architecture from a config.json beside it, as for its folder), or a
+    folder that holds one (its name is the model id)."""
     path = Path(os.fspath(path).removeprefix("file://"))
     if path.is_file():
         if not is_checkpoint_name(path.name):
             raise NoCheckpointError(f"{path}: not a checkpoint (expected {', '.join(CHECKPOINT_SUFFIXES)})")
         files = (_file_ref(path),)
-        return ModelRef(SOURCE, path.name, _revision(files), files)
+        return ModelRef(SOURCE, path.name, _revision(files), files, arch=_arch(path.parent / "config.json"))
     if not path.is_dir():
         raise SourceError(f"{path}: no such file or folder")
     names = sorted(n for n in os.listdir(path) if not n.startswith("."))
     ref = _folder_model(path, path.resolve().name, names)
     if not ref.files:
-        raise NoCheckpointError(f"{path}: no checkpoint in folder (found: {', '.join(names) or 'nothing'})")
+        hint = ""
+        if any(_checkpoint_files(Path(folder), files) for folder, _, files in _walk_some(path)):
+            hint = f"; its sub-folders hold models: index them with `modelhash crawl {path} --index INDEX`"
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+        raise NoCheckpointError(f"{path}: no checkpoint in folder (found: {shown}){hint}")
     return ref
+
+
+def _walk_some(top: Path, limit: int = 1000) -> Iterator[tuple[str, list[str], list[str]]]:
+    """The first `limit` folders under `top`, for a hint: a mistaken root may hold a whole hub mirror."""
+    for count, entry in enumerate(os.walk(top)):
+        if count == limit:
+            return
+        yield entry
 
 
 def _model_id(top: Path, path: Path) -> str:
