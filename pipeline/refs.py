@@ -49,6 +49,12 @@ class FileRef:
     etag: str | None = None  # the version the listing saw; reads of another version fail, never mix
 
 
+def as_text(text: str) -> str:
+    """`text` with what UTF-8 cannot hold (the lone surrogates Python gives an undecodable file name) shown as
+    backslash escapes: index rows are Parquet, whose strings must be UTF-8, or the whole shard fails."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRef:
     """One model of a source, pinned to a revision (DESIGN.md, Identity)."""

@@ -260,6 +260,8 @@ def test_bad_rows_are_refused(tmp_path: Path) -> None:
         w.add(_row(0, n_params="big"))
     with pytest.raises(ValueError, match="files"):
         w.add(_row(0, files=[{"name": "a", "size": "huge"}]))
+    with pytest.raises(ValueError, match="model_id must be valid UTF-8"):  # at add, not a whole shard at flush
+        w.add(_row(0) | {"model_id": "bad\udcff"})
     w.abort()
     assert not (tmp_path / "runs").exists()
 

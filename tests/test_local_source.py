@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,19 @@ def test_missing_path_and_unsupported_scheme(tmp_path):
         resolve_model(str(tmp_path / "nope"))
     with pytest.raises(SourceError, match="not supported"):
         source_name("ftp://host/x")
+
+
+def test_a_name_that_is_not_utf8_becomes_an_error_model_not_a_crash(tmp_path):
+    from pipeline.index.rows import error_row
+
+    root = tmp_path / "src"
+    bad = os.fsdecode(os.fsencode(str(root)) + b"/bad\xff")  # a byte no UTF-8 decoder takes
+    save_model(Path(bad), mlp_state(1))
+    save_model(root / "good", mlp_state(2))
+    refs = {r.model_id: r for r in list_models(str(root))}
+    assert set(refs) == {"bad\\udcff", "good"}  # shown escaped, so the index row can hold it
+    assert refs["bad\\udcff"].error and "not valid UTF-8" in refs["bad\\udcff"].error and not refs["good"].error
+    row = error_row(refs["bad\\udcff"], "spec", f"{bad}: cannot open")
+    assert row["error"].encode("utf-8") and "\\udcff" in row["error"]
+    with pytest.raises(SourceError, match="not valid UTF-8"):
+        resolve_model(bad)

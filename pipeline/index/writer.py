@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import ModelIndexError
 from pipeline.index import store
 from pipeline.index.schema import CODE_BYTES, SCHEMA, STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK
+from pipeline.refs import as_text
 
 RECORD_FORMAT = 1
 RUNS_DIR = "runs"
@@ -271,6 +272,8 @@ def _check_value(name: str, kind: str, t: pa.DataType, value: Any) -> Any:
     elif kind == "str":
         if not isinstance(value, str):
             raise ValueError(f"{name} must be str, got {type(value).__name__}")
+        if as_text(value) != value:
+            raise ValueError(f"{name} must be valid UTF-8 text, got {as_text(value)!r}")
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be int, got {type(value).__name__}")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.errors import NoCheckpointError, SourceError
-from pipeline.refs import CHECKPOINT_SUFFIXES, FileRef, ModelRef, files_revision, is_checkpoint_name
+from pipeline.refs import CHECKPOINT_SUFFIXES, FileRef, ModelRef, as_text, files_revision, is_checkpoint_name
 
 SOURCE = "local"
 CONFIG_MAX_BYTES = 1 << 20
@@ -49,6 +49,8 @@ def model_at(path: str | os.PathLike[str]) -> ModelRef:
     """One model: a checkpoint file (its architecture from a config.json beside it, as for its folder), or a
     folder that holds one (its name is the model id)."""
     path = Path(os.fspath(path).removeprefix("file://"))
+    if as_text(str(path)) != str(path):
+        raise SourceError(f"{as_text(str(path))}: the path is not valid UTF-8 (shown escaped); rename it")
     if path.is_file():
         if not is_checkpoint_name(path.name):
             raise NoCheckpointError(f"{path}: not a checkpoint (expected {', '.join(CHECKPOINT_SUFFIXES)})")
@@ -81,6 +83,9 @@ def _model_id(top: Path, path: Path) -> str:
 
 
 def _folder_model(path: Path, model_id: str, names: list[str]) -> ModelRef:
+    if any(as_text(n) != n for n in (model_id, *names)):  # an index row cannot hold the name: say so in one
+        return ModelRef(SOURCE, as_text(model_id), "", (), error=f"{as_text(str(path))}: a file or folder name "
+                        "is not valid UTF-8 (shown escaped); rename it to index this model")
     files = tuple(_file_ref(path / n) for n in _checkpoint_files(path, names))
     described = files + tuple(_file_ref(path / n) for n in names if n == "config.json")
     return ModelRef(SOURCE, model_id, _revision(described), files, arch=_arch(path / "config.json"))
