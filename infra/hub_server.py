@@ -160,6 +160,8 @@ class HubServer:
         token: the token that opens gated repositories (`Authorization: Bearer <token>`).
         faults: faults to inject (changeable while running: `hub.faults = Faults(...)`).
         cdn_ttl: seconds a CDN link stays valid.
+        next_base: the base URL a listing's next-page `Link` names (default: this hub's `url`); tests point
+            it at another host, as a hub whose pages live elsewhere would.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class HubServer:
         token: str | None = None,
         faults: Faults | None = None,
         cdn_ttl: float = CDN_TTL_S,
+        next_base: str | None = None,
     ):
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
@@ -181,6 +184,7 @@ class HubServer:
         self.page_size = page_size
         self.token = token
         self.cdn_ttl = cdn_ttl
+        self.next_base = next_base
         self._lock = threading.Lock()
         self._faults = faults or Faults()
         self._rng = random.Random(self._faults.seed)
@@ -419,10 +423,13 @@ class HubServer:
                 if f.lfs:
                     sib["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": f.pointer_size}
             siblings.append(sib)
+        # A hostile hub, for tests: file names listed that lie outside the repository, another model's id.
+        siblings += [{"rfilename": name} for name in repo.meta.get("extra_siblings", [])]
+        claimed = str(repo.meta.get("id", repo.id))
         every: dict[str, Any] = {
             "_id": hashlib.sha1(repo.id.encode()).hexdigest()[:24],
-            "id": repo.id,
-            "modelId": repo.id,
+            "id": claimed,
+            "modelId": claimed,
             "author": org,
             "sha": repo.sha,
             "lastModified": repo.last_modified,
@@ -630,7 +637,7 @@ class _Handler(BaseHTTPRequestHandler):
         if following is not None:
             rest = [(k, v) for k, vs in query.items() if k != "cursor" for v in vs]
             rest.append(("cursor", _encode_cursor(following)))
-            headers["Link"] = f'<{self.hub.url}/api/models?{urlencode(rest)}>; rel="next"'
+            headers["Link"] = f'<{self.hub.next_base or self.hub.url}/api/models?{urlencode(rest)}>; rel="next"'
         self._send_json(200, page, headers)
 
     def _info(self, repo_id: str, rev: str | None, query: dict[str, list[str]]) -> None:

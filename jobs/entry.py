@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from pipeline.errors import ModelhashError
+from pipeline.settings import redact
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -26,7 +27,7 @@ def guarded(main: Callable[[], int], prog: str = "modelhash") -> int:
     try:
         return main()
     except (ModelhashError, OSError) as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(redact(str(exc)).split())}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)

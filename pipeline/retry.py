@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from pipeline.settings import redact
+
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_POLICY",
@@ -150,7 +152,7 @@ def call(
         if failure.retry_after and paused is not None:
             pause_host(paused, failure.retry_after)
         wait = policy.delay(n, failure.retry_after)
-        log.info("%s: %s; retry %d/%d in %.2f s", what, failure.reason, n, policy.attempts - 1, wait)
+        log.info("%s: %s; retry %d/%d in %.2f s", what, redact(failure.reason), n, policy.attempts - 1, wait)
         if on_retry is not None:
             on_retry(failure, wait)
         time.sleep(wait)

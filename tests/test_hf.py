@@ -3,7 +3,9 @@ client (no mocks): listing, file metadata, partial reads, redirects, faults, gat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import pickle
 import re
@@ -356,6 +358,39 @@ def test_the_token_never_leaks(
     assert any(r["auth"] for r in hub.requests)  # it was sent, to the hub only
 
 
+def test_listing_pages_on_another_host_get_no_token(hub_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # huggingface_hub sends its token to whatever URL a page's `Link: next` names.
+    with HubServer(hub_root, page_size=3) as elsewhere, \
+            HubServer(hub_root, page_size=3, token=TOKEN, next_base=elsewhere.url) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        ids = [r.model_id for r in list_models("hf://", unchanged=lambda model_id, revision: True)]
+        assert len(ids) > 3  # the pages on the other host were read
+        assert any(r["auth"] for r in hub.requests)
+        assert elsewhere.requests and not any(r["auth"] for r in elsewhere.requests)
+
+
+def test_a_hub_asking_to_wait_for_days_is_given_up_on(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.faults = Faults(rate=1.0, kinds=("429",), retry_after=999_999, paths=r"^/api/models\?")
+    with pytest.raises(SourceError, match="asks to wait 999999 s"):
+        list(list_models("hf://"))
+    hub.faults = Faults(rate=1.0, kinds=("429",), retry_after=999_999, paths="^/api/models/acme/m0")
+    (ref,) = list_models("hf://acme/m0")
+    assert ref.error and "wait" in ref.error
+
+
+def test_a_model_info_that_names_another_model_or_leaves_the_repo_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "hostile"
+    write_repo(root, "evil/spoof", meta={"id": "acme/m0"})  # model_info answers for another repository
+    write_repo(root, "evil/dots", meta={"extra_siblings": ["../../acme/m0/model.safetensors", "/abs.safetensors"]})
+    with HubServer(root) as hostile, pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_ENDPOINT", hostile.url)
+        (spoofed,) = list_models("hf://evil/spoof")
+        assert spoofed.model_id == "evil/spoof" and "described 'acme/m0' when asked for 'evil/spoof'" in spoofed.error
+        (dots,) = list_models("hf://evil/dots")
+        assert not dots.error and [f.name for f in dots.files] == ["model.safetensors"]
+
+
 # -- the server as the client sees it -----------------------------------------------------------------
 
 
@@ -400,3 +435,31 @@ def test_fault_config_is_checked() -> None:
         Faults(rate=1.5)
     with pytest.raises(ValueError):
         Faults(kinds=("418",))
+
+
+def test_secrets_a_server_echoes_are_redacted_from_rows_reports_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.entry import guarded
+    from pipeline.index.rows import error_row
+    from pipeline.refs import ModelRef
+    from pipeline.search.report import Stage2
+    from pipeline.verify.behavior import Verdict
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "awsSecretKey123")
+    echoed = (f"illegal header line: X Bad Bearer {TOKEN}; key awsSecretKey123; cannot reach S3 at "
+              "http://user:pa55@127.0.0.1:1/x; hf_SomeoneElsesToken99")
+    row = error_row(ModelRef("hf", "acme/m0", "", ()), "spec", echoed)["error"]
+    verdict = Verdict("agreement", None, "error", {}, reason=echoed).reason
+    stage2 = Stage2("error", reason=echoed).reason
+    for text in (row, verdict, stage2):
+        assert "illegal header line" in text and "127.0.0.1:1/x" in text
+        for secret in (TOKEN, "awsSecretKey123", "user:pa55", "hf_SomeoneElsesToken99"):
+            assert secret not in text
+
+    def fail() -> int:
+        raise SourceError(echoed)
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert guarded(fail) == 2
+    assert "illegal header line" in err.getvalue() and TOKEN not in err.getvalue()

@@ -86,6 +86,11 @@ def hub_origins(settings: Settings | None = None) -> frozenset[tuple[str, str, i
     return frozenset(_origin(u) for u in (settings.hf_endpoint or DEFAULT_HUB, DEFAULT_HUB, "https://hf.co"))
 
 
+def is_hub_url(url: str) -> bool:
+    """Whether `url` is on one of the hub's origins (`hub_origins`, from the environment as it is now)."""
+    return _origin(url) in hub_origins()
+
+
 def _redact(url: str) -> str:
     """A URL fit for messages and logs: no user info, no query (signed CDN links carry signatures)."""
     parts = urlsplit(url)
@@ -387,7 +392,7 @@ def _rebuild(
 def _auth(url: str) -> dict[str, str]:
     """The Authorization header for the hub's own origin, from HF_TOKEN as it is now; none elsewhere."""
     settings = Settings.from_env()
-    if settings.hf_token and _origin(url) in hub_origins(settings):
+    if settings.hf_token and is_hub_url(url):
         return {"Authorization": f"Bearer {settings.hf_token}"}
     return {}
 

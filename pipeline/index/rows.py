@@ -8,6 +8,7 @@ from typing import Any
 from pipeline.hashing.model import HashResult
 from pipeline.index.schema import STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK
 from pipeline.refs import ModelRef, as_text
+from pipeline.settings import redact
 
 MAX_ERROR_CHARS = 500
 
@@ -44,7 +45,8 @@ def ok_row(result: HashResult) -> dict[str, Any]:
 
 def error_row(ref: ModelRef, spec: str, reason: str, seconds: float = 0.0) -> dict[str, Any]:
     """The row of a model that could not be hashed: the reason, one line, so the crawl goes on."""
-    line = as_text(" ".join(reason.split()))  # a message may quote an undecodable name
+    # A message may quote an undecodable name, or a secret a server echoed back.
+    line = as_text(redact(" ".join(reason.split())))
     return {
         **_identity(ref, spec),
         "format": None,

@@ -29,6 +29,7 @@ from pipeline.index.reader import IDENTITY, CodePlan, Codes
 from pipeline.index.uris import model_folder
 from pipeline.search import hamming
 from pipeline.search.sweep import PARTS, Hits
+from pipeline.settings import redact
 
 STAGE2_ENTRY = pa.struct(
     [("method", pa.string()), ("verdict", pa.string()), ("score", pa.float64()),
@@ -83,6 +84,10 @@ class Stage2:
     reason: str | None = None
     methods: tuple[dict[str, Any], ...] = ()
     calibrated_score: float | None = None  # `score` against the references, when the pair had them
+
+    def __post_init__(self) -> None:
+        if self.reason:  # written to the report: never a secret a server echoed into an error
+            object.__setattr__(self, "reason", redact(self.reason))
 
 
 PairKey = tuple[str, str, str, str]  # (query_source, query_model_id, match_source, match_model_id)

@@ -30,7 +30,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import ModelInfo
 from huggingface_hub.utils import _http as hf_http
+from huggingface_hub.utils import parse_ratelimit_headers
 
+from pipeline.blobs.http import is_hub_url
 from pipeline.errors import NoCheckpointError, SourceError
 from pipeline.refs import FileRef, ModelRef, is_checkpoint_name
 from pipeline.retry import DEFAULT_POLICY, RETRY_STATUSES, RetryPolicy, Transient, call, parse_retry_after
@@ -135,14 +137,47 @@ def _parse(uri: str) -> tuple[str | None, str | None]:
 
 @functools.cache
 def _use_timeouts() -> None:
-    """Give huggingface_hub's shared client timeouts (its default has none: a stalled page hangs a crawl)."""
+    """Give huggingface_hub's shared client timeouts (its default has none: a stalled page hangs a crawl),
+    keep the token for the hub's own origins, and give up on a hub that asks to wait too long."""
 
     def factory() -> httpx2.Client:
         client = hf_http.default_client_factory()
         client.timeout = httpx2.Timeout(LISTING_TIMEOUT_S, connect=10.0)
+        client.event_hooks["request"].append(_token_for_the_hub_only)
+        client.event_hooks["response"].append(_refuse_long_waits)
         return client
 
     hf_http.set_client_factory(factory)
+
+
+def _token_for_the_hub_only(request: httpx2.Request) -> None:
+    """huggingface_hub sends its token with every request it makes, to the next page a listing's `Link`
+    header names too, whatever its host: the token goes to the hub's own origins only."""
+    if "authorization" in request.headers and not is_hub_url(str(request.url)):
+        del request.headers["authorization"]
+
+
+def _refuse_long_waits(response: httpx2.Response) -> None:
+    """huggingface_hub sleeps as long as a 429 or 503 asks (`Retry-After`, a `RateLimit` reset), with no cap:
+    a hub asking for days would stall the crawl. Over DEFAULT_POLICY.max_retry_after, give up instead,
+    as our own retries do (the listing fails with a SourceError, a model_info becomes an error row)."""
+    if response.status_code not in RETRY_STATUSES:
+        return
+    wait = parse_retry_after(response.headers)
+    limit = parse_ratelimit_headers(response.headers) if response.status_code == 429 else None
+    if limit is not None and limit.remaining == 0:
+        wait = max(wait or 0.0, float(limit.reset_in_seconds))
+    if wait is not None and wait > DEFAULT_POLICY.max_retry_after:
+        raise HubWaitTooLong(f"HTTP {response.status_code}: the hub asks to wait {wait:.0f} s, over "
+                             f"{DEFAULT_POLICY.max_retry_after:.0f} s", request=response.request)
+
+
+class HubWaitTooLong(httpx2.HTTPError):
+    """The hub asked to wait longer than we retry for."""
+
+    def __init__(self, message: str, *, request: httpx2.Request) -> None:
+        super().__init__(message)
+        self.request = request
 
 
 def _api(settings: Settings) -> HfApi:
@@ -181,7 +216,13 @@ def _describe(api: HfApi, repo_id: str, revision: str | None, policy: RetryPolic
         return ModelRef(SOURCE, repo_id, revision or "", (), error=reason)
     except (HfHubHTTPError, HFValidationError, httpx2.HTTPError, OSError) as exc:
         return ModelRef(SOURCE, repo_id, revision or "", (), error=_reason(exc, revision))
-    return _model_ref(info, api.endpoint)
+    if not isinstance(info.id, str) or info.id.lower() != repo_id.lower():  # a row under another model's name
+        return ModelRef(SOURCE, repo_id, revision or "", (), error=f"the hub described {info.id!r} when asked "
+                        f"for {repo_id!r}")
+    try:
+        return _model_ref(info, api.endpoint)
+    except (HFValidationError, ValueError, TypeError, AttributeError) as exc:  # a malformed description
+        return ModelRef(SOURCE, repo_id, revision or "", (), error=f"hub API: malformed model info: {exc}")
 
 
 def _model_ref(info: ModelInfo, endpoint: str) -> ModelRef:
@@ -196,7 +237,7 @@ def _model_ref(info: ModelInfo, endpoint: str) -> ModelRef:
             etag=s.lfs.sha256 if s.lfs else s.blob_id,
         )
         for s in info.siblings or []
-        if is_checkpoint_name(s.rfilename)
+        if is_checkpoint_name(s.rfilename) and _plain_path(s.rfilename)
     )
     card = info.card_data
     license_ = getattr(card, "license", None) if card is not None else None
@@ -228,8 +269,19 @@ def _transient(exc: BaseException) -> Transient | None:
     return None
 
 
+def _plain_path(name: str) -> bool:
+    """A repository file name that stays in its repository: no `..` or `.` segment (the client normalizes
+    them, so the read would leave the repository and its pinned revision), no absolute path, backslash or
+    control character."""
+    parts = name.split("/")
+    return not (name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts)
+                or any(ord(c) < 32 or ord(c) == 127 for c in name))
+
+
 def _reason(exc: BaseException, revision: str | None = None) -> str:
     """Why a hub call failed, in words (never the client's full message: it embeds request details)."""
+    if isinstance(exc, HubWaitTooLong):
+        return f"hub API: {exc}"
     if isinstance(exc, GatedRepoError):
         return "gated repository: accept its terms on the hub and set HF_TOKEN"
     if isinstance(exc, RepositoryNotFoundError):

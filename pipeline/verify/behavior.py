@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import VerifyError
+from pipeline.settings import redact
 from pipeline.verify.core_points import (
     CORE_CONFIDENCE,
     CORE_STEP,
@@ -213,6 +214,10 @@ class Verdict:
     suspect: str = ""
     seconds: float = 0.0
     calibrated_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.reason:  # it may quote what a server echoed: printed, and written to sweep reports
+            object.__setattr__(self, "reason", redact(self.reason))
 
     def to_dict(self) -> dict[str, Any]:
         return {
