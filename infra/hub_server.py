@@ -59,7 +59,8 @@ LFS_SUFFIXES = (
     ".pkl", ".pickle", ".tflite", ".ot", ".pb", ".joblib", ".zip", ".tar", ".gz",
 )
 LFS_MIN_BYTES = 10 * 2**20
-FAULT_KINDS = frozenset({"429", "500", "502", "503", "reset", "slow"})
+FAULT_KINDS = frozenset({"429", "500", "502", "503", "reset", "slow", "overlong", "trickle"})
+_OVERLONG = 1 << 20  # bytes an "overlong" response sends past what was asked
 PATH_KINDS = ("api", "resolve", "cdn", "other")
 META_FILE = ".hub.json"
 CDN_TTL_S = 3600.0
@@ -76,7 +77,9 @@ class Faults:
     Attributes:
         rate: the fraction of matching requests that get a fault (0 to 1).
         kinds: drawn uniformly: "429" (with `Retry-After`), "500", "502", "503", "reset" (the socket is
-            closed with no response), "slow" (answered normally after `delay` seconds).
+            closed with no response), "slow" (answered normally after `delay` seconds); on file reads
+            also "overlong" (1 MiB more than the range, and a Content-Length that says so) and "trickle"
+            (the body a byte at a time, `delay` seconds apart).
         seed: the RNG seed; setting new faults restarts the sequence.
         retry_after: seconds sent in a 429's `Retry-After` (None: no header).
         delay: seconds a "slow" response waits.
@@ -577,12 +580,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._begin(head)
         split = urlsplit(self.path)
         drawn = self.hub._draw_fault(self.path)
+        self._body_fault: _Drawn | None = None
         if drawn is not None:
             self._entry["fault"] = drawn.kind
             if drawn.kind == "reset":
                 raise _ResetConnection
             if drawn.kind == "slow":
                 time.sleep(drawn.faults.delay)
+            elif drawn.kind in ("overlong", "trickle"):
+                self._body_fault = drawn  # served by _send_file
             else:
                 return self._fault(drawn)
         if self.server.role == "cdn":
@@ -717,8 +723,9 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = span or (0, size)
             if span is not None:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            fault = self._body_fault.kind if self._body_fault is not None else None
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(end - start))
+            self.send_header("Content-Length", str(end - start + (_OVERLONG if fault == "overlong" else 0)))
             self.send_header("Accept-Ranges", "bytes")
             for k, v in headers.items():
                 self.send_header(k, v)
@@ -728,12 +735,16 @@ class _Handler(BaseHTTPRequestHandler):
             fh.seek(start)
             left = end - start
             while left > 0:
-                chunk = fh.read(min(_CHUNK, left))
+                chunk = fh.read(1 if fault == "trickle" else min(_CHUNK, left))
                 if not chunk:  # the file shrank under us: the client sees a short body
                     self.close_connection = True
                     return
                 self._write(chunk)
                 left -= len(chunk)
+                if fault == "trickle":
+                    time.sleep(self._body_fault.faults.delay)
+            if fault == "overlong":
+                self._write(bytes(_OVERLONG))
 
 
 # -- helpers -------------------------------------------------------------------------------------------

@@ -252,6 +252,24 @@ def test_timeouts_are_retried(hub: HubServer, hub_root: Path) -> None:
     assert reader.retries == hub.stats.faults["slow"] == 1
 
 
+def test_a_body_longer_than_the_range_is_refused_not_read(hub: HubServer) -> None:
+    uri = model_at("hf://acme/m2").files[0].uri
+    hub.faults = Faults(rate=1.0, kinds=("overlong",), paths="^/cdn/")
+    reader = HttpReader(uri, policy=FAST, block_size=0)
+    with pytest.raises(BlobError, match="sends 1048640 bytes for a range of 64"):
+        reader.read(0, 64)
+    assert reader.bytes_read == 0 and reader.retries == 0  # refused at its headers, not retried
+
+
+def test_a_trickling_body_meets_a_deadline(hub: HubServer) -> None:
+    uri = model_at("hf://acme/m2").files[0].uri
+    hub.faults = Faults(rate=1.0, kinds=("trickle",), delay=0.05, paths="^/cdn/")
+    reader = HttpReader(uri, policy=RetryPolicy(attempts=2, base_delay=0.0), block_size=0, timeout=0.5)
+    # 64 bytes at 20 per second: within the timeout between bytes, past the 0.5 s + 64 / MIN_RATE deadline.
+    with pytest.raises(BlobError, match=r"too slow: \d+ of 64 bytes.*gave up after 2 attempts"):
+        reader.read(0, 64)
+
+
 def test_exhausted_retries_are_a_blob_error(hub: HubServer) -> None:
     uri = model_at("hf://acme/m0").files[0].uri
     hub.faults = Faults(rate=1.0, kinds=("500",), paths="/resolve/")

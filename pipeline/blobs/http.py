@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
@@ -42,6 +43,9 @@ BLOCK_SIZE = 16 * 1024  # reads shorter than this are served from cached aligned
 CACHED_BLOCKS = 16
 MAX_REDIRECTS = 5
 TIMEOUT_S = 60.0  # per request, to connect and between bytes read
+# A range read must also finish within TIMEOUT_S plus its length at this rate: a server trickling a byte
+# at a time stays within the timeout between bytes, and would hold a 16 KiB block for hours.
+MIN_RATE = 64 * 1024  # bytes per second
 DEFAULT_HUB = "https://huggingface.co"
 _PINNED = re.compile(r"/resolve/([0-9a-f]{40})/")
 _TRANSPORT_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
@@ -293,12 +297,31 @@ class HttpReader:
             total = _content_range_total(r.headers.get("Content-Range"))
             if total is not None and total != self._size:
                 raise BlobError(f"{self._label}: changed since listing (now {total} bytes, was {self._size})")
-            data = r.read()
+            data = self._body(r, end - begin)
         with self._lock:
             self._bytes_read += len(data)
         if len(data) != end - begin:
             raise Transient(f"short body ({len(data)} of {end - begin} bytes)")
         return data
+
+    def _body(self, r: httpx2.Response, want: int) -> bytes:
+        """The body of a range response, never more than the `want` bytes asked (a server may send
+        gigabytes) and within a deadline (it may send them a byte a second)."""
+        length = r.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > want:
+            raise BlobError(f"{self._label}: the server sends {length} bytes for a range of {want}")
+        deadline = time.monotonic() + (self.timeout or TIMEOUT_S) + want / MIN_RATE
+        chunks: list[bytes] = []
+        got = 0
+        for chunk in r.iter_bytes():
+            got += len(chunk)
+            if got > want:
+                raise BlobError(f"{self._label}: the server sends more than the {want} bytes asked")
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise Transient(f"too slow: {got} of {want} bytes in {self.timeout or TIMEOUT_S:.0f} s "
+                                f"plus {want / MIN_RATE:.1f} s")
+        return b"".join(chunks)
 
     def _count_request(self) -> None:
         with self._lock:
