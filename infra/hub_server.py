@@ -79,7 +79,7 @@ class Faults:
         kinds: drawn uniformly: "429" (with `Retry-After`), "500", "502", "503", "reset" (the socket is
             closed with no response), "slow" (answered normally after `delay` seconds); on file reads
             also "overlong" (1 MiB more than the range, and a Content-Length that says so) and "trickle"
-            (the body a byte at a time, `delay` seconds apart).
+            (the body a byte at a time, `delay` seconds apart; API answers too).
         seed: the RNG seed; setting new faults restarts the sequence.
         retry_after: seconds sent in a 429's `Retry-After` (None: no header).
         delay: seconds a "slow" response waits.
@@ -519,6 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
     # delayed ACK and every response waits ~40 ms.
     disable_nagle_algorithm = True
     server_version = "modelhash-hub/1"
+    _body_fault: _Drawn | None = None  # an "overlong" or "trickle" fault drawn for this request
     server: Any
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -580,7 +581,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._begin(head)
         split = urlsplit(self.path)
         drawn = self.hub._draw_fault(self.path)
-        self._body_fault: _Drawn | None = None
+        self._body_fault = None
         if drawn is not None:
             self._entry["fault"] = drawn.kind
             if drawn.kind == "reset":
@@ -611,7 +612,13 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if not self._head:
+        if self._head:
+            return
+        if self._body_fault is not None and self._body_fault.kind == "trickle":
+            for i in range(len(body)):
+                self._write(body[i : i + 1])
+                time.sleep(self._body_fault.faults.delay)
+        else:
             self._write(body)
 
     def _error(self, status: int, code: str | None, message: str) -> None:

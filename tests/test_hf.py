@@ -397,6 +397,16 @@ def test_a_hub_asking_to_wait_for_days_is_given_up_on(hub: HubServer, monkeypatc
     assert ref.error and "wait" in ref.error
 
 
+def test_a_trickling_hub_api_meets_a_deadline(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client's timeout holds between bytes; a byte every 50 ms would hold a model_info for minutes.
+    import pipeline.sources.hf as hf
+
+    monkeypatch.setattr(hf, "API_DEADLINE_S", 0.5)
+    hub.faults = Faults(rate=1.0, kinds=("trickle",), delay=0.05, paths="^/api/models/acme/m0")
+    (ref,) = list_models("hf://acme/m0", policy=RetryPolicy(attempts=2, base_delay=0.0))
+    assert ref.error and "ReadTimeout" in ref.error
+
+
 def test_a_model_info_that_names_another_model_or_leaves_the_repo_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "hostile"
     write_repo(root, "evil/spoof", meta={"id": "acme/m0"})  # model_info answers for another repository

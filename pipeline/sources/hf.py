@@ -17,6 +17,7 @@ a token saved by `hf auth login` is not used, so that listing and reading see th
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 
 import httpx2
@@ -48,6 +49,10 @@ INFO_TIMEOUT_S = 60.0
 _TRANSPORT_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
 
 LISTING_TIMEOUT_S = 60.0  # per request of the listing and model_info calls
+# What one hub API response (a listing page, a model's info) may take in all and weigh: the timeout above
+# holds between bytes only, so a server sending a byte a minute, or gigabytes, would hold the crawl's driver.
+API_DEADLINE_S = 120.0
+API_MAX_BYTES = 64 << 20  # a model with 100k files is described in a few MB
 
 
 def list_models(
@@ -141,13 +146,44 @@ def _use_timeouts() -> None:
     keep the token for the hub's own origins, and give up on a hub that asks to wait too long."""
 
     def factory() -> httpx2.Client:
-        client = hf_http.default_client_factory()
-        client.timeout = httpx2.Timeout(LISTING_TIMEOUT_S, connect=10.0)
-        client.event_hooks["request"].append(_token_for_the_hub_only)
-        client.event_hooks["response"].append(_refuse_long_waits)
-        return client
+        client = hf_http.default_client_factory()  # its own hooks, redirects followed
+        return httpx2.Client(
+            event_hooks={"request": [*client.event_hooks["request"], _token_for_the_hub_only],
+                         "response": [*client.event_hooks["response"], _refuse_long_waits]},
+            follow_redirects=client.follow_redirects,
+            timeout=httpx2.Timeout(LISTING_TIMEOUT_S, connect=10.0),
+            transport=_BoundedTransport(),
+        )
 
     hf_http.set_client_factory(factory)
+
+
+class _BoundedTransport(httpx2.HTTPTransport):
+    """Responses whose bodies end within API_DEADLINE_S of the request and API_MAX_BYTES."""
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = super().handle_request(request)
+        response.stream = _BoundedStream(response.stream, request, time.monotonic() + API_DEADLINE_S)
+        return response
+
+
+class _BoundedStream(httpx2.SyncByteStream):
+    def __init__(self, stream: httpx2.SyncByteStream, request: httpx2.Request, deadline: float) -> None:
+        self._stream, self._request, self._deadline = stream, request, deadline
+
+    def __iter__(self) -> Iterator[bytes]:
+        got = 0
+        for chunk in self._stream:
+            got += len(chunk)
+            if got > API_MAX_BYTES:
+                raise HubRefused(f"a hub API response over {API_MAX_BYTES} bytes", request=self._request)
+            if time.monotonic() > self._deadline:  # a timeout: huggingface_hub retries it, a few times
+                raise httpx2.ReadTimeout(f"a hub API response still unfinished after {API_DEADLINE_S:.0f} s",
+                                         request=self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 def _token_for_the_hub_only(request: httpx2.Request) -> None:
@@ -168,16 +204,18 @@ def _refuse_long_waits(response: httpx2.Response) -> None:
     if limit is not None and limit.remaining == 0:
         wait = max(wait or 0.0, float(limit.reset_in_seconds))
     if wait is not None and wait > DEFAULT_POLICY.max_retry_after:
-        raise HubWaitTooLong(f"HTTP {response.status_code}: the hub asks to wait {wait:.0f} s, over "
+        raise HubRefused(f"HTTP {response.status_code}: the hub asks to wait {wait:.0f} s, over "
                              f"{DEFAULT_POLICY.max_retry_after:.0f} s", request=response.request)
 
 
-class HubWaitTooLong(httpx2.HTTPError):
-    """The hub asked to wait longer than we retry for."""
+class HubRefused(httpx2.HTTPError):
+    """A hub response given up on without a retry: it asks to wait longer than we retry for, or it is
+    larger than we read."""
 
     def __init__(self, message: str, *, request: httpx2.Request) -> None:
         super().__init__(message)
         self.request = request
+
 
 
 def _api(settings: Settings) -> HfApi:
@@ -280,7 +318,7 @@ def _plain_path(name: str) -> bool:
 
 def _reason(exc: BaseException, revision: str | None = None) -> str:
     """Why a hub call failed, in words (never the client's full message: it embeds request details)."""
-    if isinstance(exc, HubWaitTooLong):
+    if isinstance(exc, HubRefused):
         return f"hub API: {exc}"
     if isinstance(exc, GatedRepoError):
         return "gated repository: accept its terms on the hub and set HF_TOKEN"
