@@ -26,8 +26,7 @@ from pipeline.hashing.model import hash_model
 from pipeline.index.plan import ContentKey, IndexState, content_key, load_state
 from pipeline.index.rows import duplicate_row, error_row, ok_row
 from pipeline.index.schema import STATUS_DUPLICATE, STATUS_OK
-from pipeline.index.store import check_index_folder
-from pipeline.index.writer import RUNS_DIR, SHARDS_DIR, ShardWriter
+from pipeline.index.writer import ShardWriter, check_index_folder
 from pipeline.refs import ModelRef
 from pipeline.retry import RATE_ENV
 from pipeline.settings import Settings
@@ -232,7 +231,7 @@ def crawl(
     """
     started = time.perf_counter()
     chosen = get_spec(spec)
-    check_index_folder(index, (RUNS_DIR, SHARDS_DIR))
+    check_index_folder(index)
     state = load_state(index, source_name(source), chosen.name)
     summary = CrawlSummary(source=source, index=index, spec=chosen.name, root=_local_root(source))
     committer = _Committer(index, summary, checkpoint_rows)

@@ -55,6 +55,15 @@ def as_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def stays_inside(name: str) -> bool:
+    """Whether a relative file name that a hub or an index names stays inside its model's folder: no `..`
+    or `.` segment (clients normalize them away, leaving the folder), no empty segment, no absolute path,
+    backslash or control character."""
+    parts = name.split("/")
+    return not (name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts)
+                or any(ord(c) < 32 or ord(c) == 127 for c in name))
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRef:
     """One model of a source, pinned to a revision (DESIGN.md, Identity)."""

@@ -19,6 +19,7 @@ from pipeline.refs import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
     FileRef,
+    stays_inside,
 )
 
 __all__ = [
@@ -127,8 +128,7 @@ def _read_index(index: FileRef, files: Sequence[FileRef], fmt: str) -> _Unit:
     names: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
         check_text(shard, f"{index.name}: shard name")  # it labels every message about the shard
-        parts = shard.split("/")
-        if not shard or shard.startswith("/") or "\\" in shard or ".." in parts:
+        if not stays_inside(shard):
             raise FormatError(f"{index.name}: shard name {shard!r} escapes the model's folder")
         name = posixpath.join(index_dir, shard)
         names[shard] = name

@@ -10,6 +10,7 @@ import numpy as np
 
 from pipeline.blobs import RangeReader
 from pipeline.errors import FormatError
+from pipeline.refs import as_text
 
 # safetensors dtype names are our dtype names. Itemsize in bytes.
 DTYPE_SIZES: dict[str, int] = {
@@ -70,10 +71,8 @@ def check_text(text: str, what: str) -> None:
     Raises:
         FormatError: `text` cannot be encoded as UTF-8 (`what` says what it is: "ck.pt: tensor name").
     """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise FormatError(f"{what} {text!r} is not valid UTF-8 text") from None
+    if as_text(text) != text:
+        raise FormatError(f"{what} {text!r} is not valid UTF-8 text")  # repr escapes it
 
 
 def decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

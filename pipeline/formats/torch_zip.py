@@ -99,7 +99,9 @@ def read_entries(reader: RangeReader, file: str = "") -> dict[str, TensorEntry]:
         raise FormatError(f"{label}: broken zip archive: member data ends early (truncated?)") from exc
     except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, ValueError, NotImplementedError,
             RuntimeError, OSError, zlib.error, lzma.LZMAError) as exc:
-        # RuntimeError: an encrypted member; OSError and the others: corrupt or unreadable compressed data.
+        # zipfile's own errors for hostile archives: NotImplementedError for a member it cannot open (strong
+        # encryption, a zip64 variant), RuntimeError for an encrypted one; OSError, zlib.error and LZMAError
+        # for corrupt compressed data.
         raise FormatError(f"{label}: broken zip archive: {str(exc) or type(exc).__name__}") from exc
     root = _load_pickle(raw, label)
 

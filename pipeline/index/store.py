@@ -97,25 +97,6 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def check_index_folder(index_uri: str, owned: tuple[str, ...]) -> None:
-    """Refuse, before any work, a local index path that is a file, or a folder holding other files than an
-    index's (`owned` names): a crawl would fail there after hashing, or mix its shards into a model folder.
-
-    Raises:
-        ModelIndexError: the path is not a folder an index can live in.
-    """
-    fs, base = resolve(index_uri)
-    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.exists(base):
-        return
-    if not os.path.isdir(base):
-        raise ModelIndexError(f"index {index_uri} is a file: an index is a folder (or s3://bucket/prefix)")
-    others = sorted(name for name in os.listdir(base) if name not in owned and not name.startswith("."))
-    if others:
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise ModelIndexError(f"index {index_uri} is a folder of other files ({shown}), not an index: "
-                              "give the index a folder of its own")
-
-
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     """The whole content of a (small) file, e.g. a run record."""
     with fs.open_input_stream(path) as f:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import re
 import uuid
 from collections.abc import Mapping
@@ -94,6 +95,26 @@ def new_run_id(now: datetime | None = None) -> str:
 
 def run_record_path(base: str, run_id: str) -> str:
     return store.join(base, RUNS_DIR, f"{run_id}.json")
+
+
+def check_index_folder(index_uri: str) -> None:
+    """Refuse, before any work, a local index path that is a file, or a folder holding other files than an
+    index's (RUNS_DIR, SHARDS_DIR): a crawl would fail there after hashing, or mix its shards into a model
+    folder.
+
+    Raises:
+        ModelIndexError: the path is not a folder an index can live in.
+    """
+    fs, base = store.resolve(index_uri)
+    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.exists(base):
+        return
+    if not os.path.isdir(base):
+        raise ModelIndexError(f"index {index_uri} is a file: an index is a folder (or s3://bucket/prefix)")
+    others = sorted(n for n in os.listdir(base) if n not in (RUNS_DIR, SHARDS_DIR) and not n.startswith("."))
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ModelIndexError(f"index {index_uri} is a folder of other files ({shown}), not an index: "
+                              "give the index a folder of its own")
 
 
 class ShardWriter:

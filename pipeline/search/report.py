@@ -150,15 +150,14 @@ class Protected:
     def columns(self) -> QueryColumns:
         """The query side as arrays, per query code."""
         owner = np.asarray(self.owner, dtype=np.int64)
+        folders = [model_folder(u) if s == "local" else None for s, u in zip(self.source, self.uri, strict=True)]
         return QueryColumns(
             source=np.asarray(self.source, dtype=object)[owner],
             model_id=np.asarray(self.model_id, dtype=object)[owner],
             revision=np.asarray(self.revision, dtype=object)[owner],
             part=np.asarray(self.part, dtype=object),
             owner=owner,
-            folder=np.asarray([model_folder(u) if s == "local" else None for s, u in zip(self.source, self.uri,
-                                                                                            strict=True)],
-                              dtype=object)[owner],
+            folder=np.asarray(folders, dtype=object)[owner],
         )
 
 

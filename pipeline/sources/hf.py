@@ -35,7 +35,7 @@ from huggingface_hub.utils import parse_ratelimit_headers
 
 from pipeline.blobs.http import is_hub_url
 from pipeline.errors import NoCheckpointError, SourceError
-from pipeline.refs import FileRef, ModelRef, is_checkpoint_name
+from pipeline.refs import FileRef, ModelRef, is_checkpoint_name, stays_inside
 from pipeline.retry import DEFAULT_POLICY, RETRY_STATUSES, RetryPolicy, Transient, call, parse_retry_after
 from pipeline.settings import Settings
 
@@ -205,7 +205,7 @@ def _refuse_long_waits(response: httpx2.Response) -> None:
         wait = max(wait or 0.0, float(limit.reset_in_seconds))
     if wait is not None and wait > DEFAULT_POLICY.max_retry_after:
         raise HubRefused(f"HTTP {response.status_code}: the hub asks to wait {wait:.0f} s, over "
-                             f"{DEFAULT_POLICY.max_retry_after:.0f} s", request=response.request)
+                         f"{DEFAULT_POLICY.max_retry_after:.0f} s", request=response.request)
 
 
 class HubRefused(httpx2.HTTPError):
@@ -215,7 +215,6 @@ class HubRefused(httpx2.HTTPError):
     def __init__(self, message: str, *, request: httpx2.Request) -> None:
         super().__init__(message)
         self.request = request
-
 
 
 def _api(settings: Settings) -> HfApi:
@@ -275,7 +274,7 @@ def _model_ref(info: ModelInfo, endpoint: str) -> ModelRef:
             etag=s.lfs.sha256 if s.lfs else s.blob_id,
         )
         for s in info.siblings or []
-        if is_checkpoint_name(s.rfilename) and _plain_path(s.rfilename)
+        if is_checkpoint_name(s.rfilename) and stays_inside(s.rfilename)
     )
     card = info.card_data
     license_ = getattr(card, "license", None) if card is not None else None
@@ -305,15 +304,6 @@ def _transient(exc: BaseException) -> Transient | None:
     if isinstance(exc, _TRANSPORT_ERRORS):
         return Transient(type(exc).__name__)
     return None
-
-
-def _plain_path(name: str) -> bool:
-    """A repository file name that stays in its repository: no `..` or `.` segment (the client normalizes
-    them, so the read would leave the repository and its pinned revision), no absolute path, backslash or
-    control character."""
-    parts = name.split("/")
-    return not (name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts)
-                or any(ord(c) < 32 or ord(c) == 127 for c in name))
 
 
 def _reason(exc: BaseException, revision: str | None = None) -> str:
